@@ -1,0 +1,27 @@
+// Registration stub of fastdarts._C: the operator schemas live here, the kernels in csrc/ops/<op>.cpp (CPU)
+// and csrc/ops/cuda/<op>.cu (CUDA). Python loads this module only for its side effect of registering the
+// operators under torch.ops.fastdarts_C; it has no Python functions of its own (no pybind11).
+#include <Python.h>
+
+#include <torch/library.h>
+
+extern "C" {
+// An empty module: importing it runs the static TORCH_LIBRARY registrations below and in csrc/ops/.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      nullptr,  // doc
+      -1,  // no per-interpreter state
+      nullptr,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fastdarts_C, m) {
+  // out = sum_k weights[k] * xs[k]
+  m.def("mixed_op(Tensor[] xs, Tensor weights) -> Tensor");
+  // grad_xs[k] = weights[k] * grad; grad_weights[k] = <grad, xs[k]>
+  m.def("mixed_op_backward(Tensor grad, Tensor[] xs, Tensor weights) -> (Tensor[], Tensor)");
+}
