@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) mixed_op_backward_kernel(
     }
   }
   __syncthreads();
-  if (threadIdx.x < K) {
+  if (static_cast<int>(threadIdx.x) < K) {
     acc_t s = acc_t(0);
     for (int i = 0; i < kWarps; ++i) {
       s += warp_dots[threadIdx.x][i];
