@@ -276,6 +276,16 @@ def test_info_reports_backends():
     assert not backend.kernel_live("mixed_op", torch.device("meta"))
 
 
+def test_extension_built_for_another_torch_is_refused():
+    # _load_extension checks the build info before importing fastdarts._C; nothing is imported here.
+    live, why = backend._load_extension({"ext": True, "torch": "2.0.1+cu118"})
+    assert not live
+    assert f"built against torch 2.0.1+cu118 but torch {torch.__version__} is running" in why
+    assert "pip install --no-deps --no-build-isolation -e ." in why
+    live, why = backend._load_extension({"ext": False, "torch": None})
+    assert not live and "FASTDARTS_SKIP_EXT=1" in why
+
+
 def test_set_backend():
     backend.set_backend("reference")
     assert backend.get_backend() == "reference" and backend.info()["backend"] == "reference"
