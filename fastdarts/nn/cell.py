@@ -1,0 +1,97 @@
+"""The mixed operation on an edge and the search cell (a DAG of mixed ops)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastdarts.nn.operations import OPS, FactorizedReduce, ReLUConvBN
+from fastdarts.ops import mixed_op
+
+
+class MixedOp(nn.Module):
+    """All candidate operations on one edge, mixed by architecture weights.
+
+    ``out = sum_k weights[k] * op_k(x)`` over the candidates, where ``weights`` is the softmax of the edge's
+    alphas. The `none` candidate contributes exactly zero (its output is zeros, and so is the gradient of its
+    weight), so it is never run; its alpha still gets a gradient through the softmax.
+    Pooling candidates are followed by a BatchNorm without affine, as in DARTS.
+
+    Args:
+        C: channels in and out.
+        stride: 2 on the edges of a reduction cell that read the cell inputs, else 1.
+        primitives: candidate names, in alpha column order.
+        affine: BatchNorm affine inside the candidates.
+    """
+
+    def __init__(self, C: int, stride: int, primitives: Sequence[str], affine: bool = False):
+        super().__init__()
+        self._ops = nn.ModuleList()
+        for name in primitives:
+            op = OPS[name](C, stride, affine)
+            if "pool" in name:
+                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+            self._ops.append(op)
+        self._live = [k for k, name in enumerate(primitives) if name != "none"]
+
+    def forward(self, x: Tensor, weights: Tensor) -> Tensor:
+        """Mix the candidates. x: [B, C, H, W]; weights: [K] for K primitives. Returns [B, C, H/s, W/s]."""
+        outs = [self._ops[k](x) for k in self._live]
+        w = weights if len(self._live) == len(self._ops) else weights[self._live]
+        return mixed_op(outs, w)
+
+
+class Cell(nn.Module):
+    """A DARTS search cell: two input nodes, `steps` intermediate nodes, output = concat of the last ones.
+
+    Intermediate node i sums a MixedOp over each earlier node (2 + i edges); edges are numbered node by node,
+    so the 14 edges of a 4-step cell match the 14 rows of the alphas.
+
+    Args:
+        steps: intermediate nodes.
+        multiplier: nodes concatenated into the output ([B, multiplier * C, H, W]).
+        C_prev_prev, C_prev: channels of the two cell inputs; C: channels of every node.
+        reduction: this cell halves H and W (stride 2 on the edges from the inputs).
+        reduction_prev: the previous cell was a reduction, so input 0 is twice as large as input 1.
+        primitives: candidate names on every edge.
+        affine: BatchNorm affine in preprocessing and candidates.
+    """
+
+    def __init__(
+        self,
+        steps: int,
+        multiplier: int,
+        C_prev_prev: int,
+        C_prev: int,
+        C: int,
+        reduction: bool,
+        reduction_prev: bool,
+        primitives: Sequence[str],
+        affine: bool = False,
+    ):
+        super().__init__()
+        self.reduction = reduction
+        if reduction_prev:
+            self.preprocess0: nn.Module = FactorizedReduce(C_prev_prev, C, affine=affine)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=affine)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=affine)
+        self._steps = steps
+        self._multiplier = multiplier
+        self._ops = nn.ModuleList()
+        for i in range(steps):
+            for j in range(2 + i):
+                stride = 2 if reduction and j < 2 else 1
+                self._ops.append(MixedOp(C, stride, primitives, affine))
+
+    def forward(self, s0: Tensor, s1: Tensor, weights: Tensor) -> Tensor:
+        """s0, s1: the two previous cells' outputs; weights: [num_edges, K] softmaxed alphas."""
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for _ in range(self._steps):
+            node = sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            offset += len(states)
+            states.append(node)
+        return torch.cat(states[-self._multiplier :], dim=1)

@@ -1,0 +1,61 @@
+"""The DARTS CNN search space (Liu et al., 2019) as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastdarts.errors import UsageError
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A cell-based CNN search space.
+
+    Attributes:
+        name: the name used on the command line.
+        primitives: candidate operations on every edge, in alpha column order.
+        steps: intermediate nodes per cell; node i has 2 + i incoming edges.
+        multiplier: how many of the last intermediate nodes a cell concatenates as its output.
+        stem_multiplier: the stem has stem_multiplier * C channels.
+        affine: BatchNorm affine inside the candidate operations (off in the DARTS search phase).
+    """
+
+    name: str
+    primitives: tuple[str, ...]
+    steps: int = 4
+    multiplier: int = 4
+    stem_multiplier: int = 3
+    affine: bool = False
+
+    @property
+    def num_edges(self) -> int:
+        """Edges in one cell: sum of (2 + i) over the intermediate nodes (14 for 4 steps)."""
+        return sum(2 + i for i in range(self.steps))
+
+    def reduction_layers(self, layers: int) -> tuple[int, ...]:
+        """Indices of the reduction cells: at 1/3 and 2/3 of the depth."""
+        return tuple(sorted({layers // 3, 2 * layers // 3}))
+
+
+DARTS = SearchSpace(
+    name="darts",
+    primitives=(
+        "none",
+        "max_pool_3x3",
+        "avg_pool_3x3",
+        "skip_connect",
+        "sep_conv_3x3",
+        "sep_conv_5x5",
+        "dil_conv_3x3",
+        "dil_conv_5x5",
+    ),
+)
+
+SPACES = {space.name: space for space in (DARTS,)}
+
+
+def get_space(name: str) -> SearchSpace:
+    """Look a search space up by its command-line name."""
+    if name not in SPACES:
+        raise UsageError(f"unknown search space {name!r}, expected one of: {', '.join(SPACES)}")
+    return SPACES[name]
