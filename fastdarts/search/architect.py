@@ -1,0 +1,189 @@
+"""The architecture step of DARTS: first order, and second order through the unrolled weight step.
+
+Second order (Liu et al., 2019, eq. 7-8). With xi the weight learning rate and the weight step that SGD with
+momentum mu and weight decay lambda would take,
+
+    w' = w - xi * (mu * m + grad_w L_train(w, alpha) + lambda * w)
+
+(m: the optimiser's momentum buffer; with mu = lambda = 0 this is w' = w - xi * grad_w L_train), the
+architecture gradient is
+
+    grad_alpha L_val(w', alpha) - xi * grad^2_{alpha, w} L_train(w, alpha) . v,   v = grad_w' L_val(w', alpha).
+
+``hvp="fd"`` takes the Hessian-vector product by a central finite difference,
+
+    (grad_alpha L_train(w+, alpha) - grad_alpha L_train(w-, alpha)) / (2 eps),  w+- = w +- eps * v,
+    eps = fd_r / ||v||  (fd_r = 0.01 in DARTS),
+
+and ``hvp="exact"`` differentiates through w' by double backprop instead. On a network with ReLU and max
+pooling the finite difference can differ from the exact product by more than its own norm (kinks inside the
+eps ball); on a smooth network it converges to it as eps shrinks.
+
+The weights are never copied into a second model: w', w+ and w- are evaluated with
+``torch.func.functional_call`` on parameter lists, and BatchNorm running statistics are left as they are by
+the extra evaluations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from fastdarts.errors import UsageError
+from fastdarts.nn import SearchNetwork
+
+ORDERS = ("first", "second")
+HVP_MODES = ("fd", "exact")
+
+
+@dataclass
+class ArchitectConfig:
+    """Settings of the architecture optimiser (defaults: the DARTS paper's).
+
+    Attributes:
+        order: "first" (grad_alpha L_val at the current w) or "second" (through the unrolled step).
+        hvp: "fd" (finite difference) or "exact" (double backprop); second order only.
+        lr, betas, weight_decay: Adam on the alphas.
+        fd_r: the finite-difference radius, eps = fd_r / ||v||.
+    """
+
+    order: str = "first"
+    hvp: str = "fd"
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 1e-3
+    fd_r: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise UsageError(f"unknown order {self.order!r}, expected one of: {', '.join(ORDERS)}")
+        if self.hvp not in HVP_MODES:
+            raise UsageError(f"unknown hvp mode {self.hvp!r}, expected one of: {', '.join(HVP_MODES)}")
+        if not self.fd_r > 0:
+            raise UsageError(f"fd_r must be > 0, got {self.fd_r}")
+
+
+def _grad(loss: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """d loss / d inputs, zeros for an input the loss does not use (alphas_normal in a net of only reductions)."""
+    return torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+
+
+class Architect:
+    """Updates a SearchNetwork's alphas with Adam on the validation loss.
+
+    Args:
+        model: the supernet.
+        config: the architecture optimiser's settings.
+        network_momentum, network_weight_decay: the weight optimiser's, used to build the unrolled step.
+    """
+
+    def __init__(
+        self,
+        model: SearchNetwork,
+        config: ArchitectConfig | None = None,
+        network_momentum: float = 0.9,
+        network_weight_decay: float = 3e-4,
+    ):
+        self.model = model
+        self.config = config or ArchitectConfig()
+        self.network_momentum = network_momentum
+        self.network_weight_decay = network_weight_decay
+        self.optimizer = torch.optim.Adam(
+            model.arch_parameters(), lr=self.config.lr, betas=self.config.betas,
+            weight_decay=self.config.weight_decay,
+        )  # fmt: skip
+
+    def step(
+        self,
+        x_train: Tensor,
+        y_train: Tensor,
+        x_val: Tensor,
+        y_val: Tensor,
+        eta: float,
+        network_optimizer: torch.optim.Optimizer | None = None,
+    ) -> Tensor:
+        """One Adam step on the alphas. eta: the weight learning rate (xi of the unrolled step).
+
+        Returns the validation loss at the point where the architecture gradient was taken (detached).
+        """
+        grads, loss = self.arch_grads(x_train, y_train, x_val, y_val, eta, network_optimizer)
+        for a, g in zip(self.model.arch_parameters(), grads):
+            a.grad = g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def arch_grads(
+        self,
+        x_train: Tensor,
+        y_train: Tensor,
+        x_val: Tensor,
+        y_val: Tensor,
+        eta: float,
+        network_optimizer: torch.optim.Optimizer | None = None,
+    ) -> tuple[list[Tensor], Tensor]:
+        """The architecture gradient of the configured order, one tensor per arch parameter, and L_val."""
+        alphas = self.model.arch_parameters()
+        if self.config.order == "first":
+            loss = self.model.loss(x_val, y_val)
+            return list(_grad(loss, alphas)), loss.detach()
+        return self._unrolled_grads(x_train, y_train, x_val, y_val, eta, network_optimizer)
+
+    def _weights(self) -> tuple[list[str], list[Tensor]]:
+        named = [(n, p) for n, p in self.model.named_weight_parameters() if p.requires_grad]
+        return [n for n, _ in named], [p for _, p in named]
+
+    def _loss_at(self, names: Sequence[str], weights: Sequence[Tensor], buffers: dict, x: Tensor, y: Tensor):
+        logits = functional_call(self.model, (dict(zip(names, weights)), buffers), (x,))
+        return F.cross_entropy(logits, y)
+
+    def _unrolled_grads(self, x_train, y_train, x_val, y_val, eta, network_optimizer):
+        exact = self.config.hvp == "exact"
+        alphas = self.model.arch_parameters()
+        names, w = self._weights()
+        # The extra evaluations must not move the BatchNorm running statistics of the real model.
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+
+        # The unrolled weight step w' (kept differentiable w.r.t. alpha in exact mode).
+        loss_train = self._loss_at(names, w, buffers, x_train, y_train)
+        g_train = torch.autograd.grad(loss_train, w, create_graph=exact)
+        moments = self._moments(w, network_optimizer)
+        with torch.set_grad_enabled(exact):
+            w_prime = [
+                p - eta * (m + g + self.network_weight_decay * p) for p, g, m in zip(w, g_train, moments)
+            ]
+        if exact:
+            loss_val = self._loss_at(names, w_prime, buffers, x_val, y_val)
+            return list(_grad(loss_val, alphas)), loss_val.detach()
+
+        w_prime = [p.detach().requires_grad_() for p in w_prime]
+        loss_val = self._loss_at(names, w_prime, buffers, x_val, y_val)
+        grads = _grad(loss_val, [*alphas, *w_prime])
+        d_alpha, v = list(grads[: len(alphas)]), grads[len(alphas) :]
+        hvp = self.fd_hvp(names, w, v, buffers, x_train, y_train)
+        return [d - eta * h for d, h in zip(d_alpha, hvp)], loss_val.detach()
+
+    def fd_hvp(self, names, w, v, buffers, x, y) -> list[Tensor]:
+        """(grad_alpha L(w + eps v) - grad_alpha L(w - eps v)) / (2 eps), eps = fd_r / ||v||."""
+        alphas = self.model.arch_parameters()
+        eps = self.config.fd_r / torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in v]))
+        with torch.no_grad():
+            w_plus = [p + eps * t for p, t in zip(w, v)]
+            w_minus = [p - eps * t for p, t in zip(w, v)]
+        g_plus = _grad(self._loss_at(names, w_plus, buffers, x, y), alphas)
+        g_minus = _grad(self._loss_at(names, w_minus, buffers, x, y), alphas)
+        return [(gp - gm) / (2 * eps) for gp, gm in zip(g_plus, g_minus)]
+
+    def _moments(self, w: Sequence[Tensor], optimizer: torch.optim.Optimizer | None) -> list[Tensor | float]:
+        """mu * momentum buffer of each weight, or 0 where the optimiser has none yet."""
+        state = optimizer.state if optimizer is not None else {}
+        out: list[Tensor | float] = []
+        for p in w:
+            buf = state.get(p, {}).get("momentum_buffer")
+            out.append(self.network_momentum * buf if buf is not None else 0.0)
+        return out
