@@ -1,0 +1,5 @@
+import sys
+
+from fastdarts.cli import main
+
+sys.exit(main())

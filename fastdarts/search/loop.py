@@ -1,0 +1,351 @@
+"""The search loop: alternate architecture and weight steps, one epoch at a time, with checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastdarts.data import DATASETS, Loader, load_search_data
+from fastdarts.errors import UsageError
+from fastdarts.nn import SearchNetwork
+from fastdarts.search.architect import HVP_MODES, ORDERS, Architect, ArchitectConfig
+from fastdarts.search.checkpoint import load_checkpoint, save_atomic
+from fastdarts.select import Genotype, derive_genotype
+from fastdarts.spaces import SPACES, get_space
+
+log = logging.getLogger(__name__)
+
+ALGOS = ("darts",)
+CHECKPOINT = "checkpoint.pt"
+# Settings that may change between a run and its resumption without changing its result.
+RESUMABLE_CHANGES = ("device", "workers")
+
+
+@dataclass
+class SearchConfig:
+    """Everything that defines a search run. Defaults are the DARTS paper's CIFAR-10 search.
+
+    Attributes:
+        space, algo, order, hvp: what to search and how (see fastdarts.search.architect).
+        data, data_dir, image_size, workers, train_portion: the data (see fastdarts.data).
+        epochs, batch_size, seed: the run.
+        layers, init_channels: the supernet (cells, channels of the first cell).
+        lr, lr_min, momentum, weight_decay, grad_clip: SGD on the weights, lr cosine-annealed to lr_min.
+        arch_lr, arch_weight_decay: Adam on the alphas (betas 0.5, 0.999).
+        device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+    """
+
+    space: str = "darts"
+    algo: str = "darts"
+    order: str = "first"
+    hvp: str = "fd"
+    data: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    workers: int = 0
+    train_portion: float = 0.5
+    epochs: int = 50
+    batch_size: int = 64
+    seed: int = 0
+    layers: int = 8
+    init_channels: int = 16
+    lr: float = 0.025
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    arch_lr: float = 3e-4
+    arch_weight_decay: float = 1e-3
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        choices = {"space": tuple(SPACES), "algo": ALGOS, "order": ORDERS, "hvp": HVP_MODES, "data": DATASETS}
+        for field, allowed in choices.items():
+            value = getattr(self, field)
+            if value not in allowed:
+                raise UsageError(f"unknown {field} {value!r}, expected one of: {', '.join(allowed)}")
+        for field in ("epochs", "batch_size", "layers", "init_channels"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise UsageError(f"{field} must be a whole number >= 1, got {value!r}")
+        for field in ("lr", "lr_min", "arch_lr", "grad_clip"):
+            if not getattr(self, field) > 0:
+                raise UsageError(f"{field} must be > 0, got {getattr(self, field)!r}")
+
+    def resolve_device(self) -> torch.device:
+        """The torch device this run uses."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise UsageError(f"unknown device {self.device!r}, expected auto, cpu, cuda or cuda:N") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"device {self.device!r} asked for, but torch sees no CUDA GPU")
+        return device
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch did: mean training loss/accuracy of the weight steps, validation loss/accuracy after."""
+
+    epoch: int
+    lr: float
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    genotype: Genotype
+
+
+@dataclass
+class SearchResult:
+    genotype: Genotype
+    history: list[EpochRecord]
+    alphas_normal: torch.Tensor  # [epochs, num_edges, K] after each epoch
+    alphas_reduce: torch.Tensor
+
+
+BatchHook = Callable[[int, int, float, float], None]  # (epoch, step, loss, acc)
+EpochHook = Callable[[EpochRecord], None]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _cycle(loader: Loader) -> Iterator:
+    """Batches of loader, starting over when it runs out (the val half may be a batch shorter)."""
+    while True:
+        yield from loader
+
+
+@torch.no_grad()
+def evaluate(model: SearchNetwork, loader: Loader, device: torch.device) -> tuple[float, float]:
+    """Mean loss and accuracy of the supernet in eval mode (BatchNorm running statistics) over loader."""
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        count += y.numel()
+    return total_loss / max(count, 1), correct / max(count, 1)
+
+
+class Search:
+    """A search run: model, optimisers, data and the epochs done so far, restartable from a checkpoint."""
+
+    def __init__(self, config: SearchConfig, out_dir: str | Path | None = None):
+        self.config = config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.device = config.resolve_device()
+        _seed_everything(config.seed)
+        self.space = get_space(config.space)
+        self.data = load_search_data(
+            config.data, data_dir=config.data_dir, batch_size=config.batch_size, seed=config.seed,
+            train_portion=config.train_portion, image_size=config.image_size, workers=config.workers,
+        )  # fmt: skip
+        self.model = SearchNetwork(
+            config.init_channels, self.data.num_classes, config.layers, self.space, self.data.in_channels
+        ).to(self.device)
+        self.optimizer = torch.optim.SGD(
+            self.model.weight_parameters(),
+            config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, config.epochs, config.lr_min
+        )
+        arch_config = ArchitectConfig(
+            order=config.order, hvp=config.hvp, lr=config.arch_lr, weight_decay=config.arch_weight_decay
+        )
+        self.architect = Architect(self.model, arch_config, config.momentum, config.weight_decay)
+        self.epoch = 0
+        self.history: list[EpochRecord] = []
+        self.alphas: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.out_dir / CHECKPOINT if self.out_dir is not None else None
+
+    def genotype(self) -> Genotype:
+        return derive_genotype(self.model.alphas_normal, self.model.alphas_reduce, self.space)
+
+    def train_epoch(self, on_batch: BatchHook | None = None) -> tuple[float, float]:
+        """One epoch of alternating architecture and weight steps; mean loss and accuracy of the weight steps."""
+        cfg, model, device = self.config, self.model, self.device
+        lr = self.scheduler.get_last_lr()[0]
+        self.data.train.set_epoch(self.epoch)
+        self.data.val.set_epoch(self.epoch)
+        val_batches = _cycle(self.data.val)
+        total_loss, correct, count = 0.0, 0, 0
+        for step, (x, y) in enumerate(self.data.train):
+            x_val, y_val = next(val_batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x_val, y_val = x_val.to(device, non_blocking=True), y_val.to(device, non_blocking=True)
+            model.train()
+            self.architect.step(x, y, x_val, y_val, lr, self.optimizer)
+
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.weight_parameters(), cfg.grad_clip)
+            self.optimizer.step()
+
+            batch_loss = loss.item()
+            if not math.isfinite(batch_loss):
+                raise FloatingPointError(
+                    f"training loss became {batch_loss} at epoch {self.epoch}, step {step}"
+                )
+            batch_correct = (logits.argmax(1) == y).sum().item()
+            total_loss += batch_loss * y.numel()
+            correct += batch_correct
+            count += y.numel()
+            if on_batch is not None:
+                on_batch(self.epoch, step, batch_loss, batch_correct / y.numel())
+        return total_loss / max(count, 1), correct / max(count, 1)
+
+    def run(self, on_batch: BatchHook | None = None, on_epoch: EpochHook | None = None) -> SearchResult:
+        """Run the remaining epochs, checkpointing after each; returns the final genotype and history."""
+        log.info("search on %s from epoch %d: %s", self.device, self.epoch, dataclasses.asdict(self.config))
+        while self.epoch < self.config.epochs:
+            lr = self.scheduler.get_last_lr()[0]
+            train_loss, train_acc = self.train_epoch(on_batch)
+            self.scheduler.step()
+            val_loss, val_acc = evaluate(self.model, self.data.val, self.device)
+            record = EpochRecord(self.epoch, lr, train_loss, train_acc, val_loss, val_acc, self.genotype())
+            self.history.append(record)
+            self.alphas.append((self.model.alphas_normal.detach().cpu().clone(),
+                                self.model.alphas_reduce.detach().cpu().clone()))  # fmt: skip
+            self.epoch += 1
+            log.info(
+                "epoch %d/%d lr %.5f train loss %.4f acc %.4f val loss %.4f acc %.4f",
+                self.epoch, self.config.epochs, lr, train_loss, train_acc, val_loss, val_acc,
+            )  # fmt: skip
+            if self.out_dir is not None:
+                self.save()
+            if on_epoch is not None:
+                on_epoch(record)
+        return self.result()
+
+    def result(self) -> SearchResult:
+        stack = (lambda ts: torch.stack(ts)) if self.alphas else (lambda ts: torch.empty(0))
+        return SearchResult(
+            genotype=self.genotype(),
+            history=list(self.history),
+            alphas_normal=stack([a for a, _ in self.alphas]),
+            alphas_reduce=stack([b for _, b in self.alphas]),
+        )
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "config": dataclasses.asdict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "arch_optimizer": self.architect.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "history": [_record_to_dict(r) for r in self.history],
+            "alphas": [list(pair) for pair in self.alphas],
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": _numpy_rng_state(),
+                "python": list(random.getstate()[1]),
+            },
+        }
+
+    def save(self) -> None:
+        """Write the checkpoint (atomically) to out_dir/checkpoint.pt."""
+        save_atomic(self.state_dict(), self.checkpoint_path)
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        saved = ckpt["config"]
+        current = dataclasses.asdict(self.config)
+        for key in sorted(set(saved) | set(current)):
+            if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
+                raise UsageError(
+                    f"the checkpoint was written with {key}={saved.get(key)!r}, but this run has "
+                    f"{key}={current.get(key)!r}; resume with the same settings or use another --out"
+                )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.architect.optimizer.load_state_dict(ckpt["arch_optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch = ckpt["epoch"]
+        self.history = [_record_from_dict(d) for d in ckpt["history"]]
+        self.alphas = [(a, b) for a, b in ckpt["alphas"]]
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        random.setstate((3, tuple(rng["python"]), None))
+
+
+def _numpy_rng_state() -> list:
+    """numpy's global RNG state as plain lists and numbers (so torch.load(weights_only=True) reads it)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _record_to_dict(r: EpochRecord) -> dict:
+    d = dataclasses.asdict(r)
+    d["genotype"] = r.genotype.to_json()
+    return d
+
+
+def _record_from_dict(d: dict) -> EpochRecord:
+    return EpochRecord(**{**d, "genotype": Genotype.from_json(d["genotype"])})
+
+
+def run_search(
+    config: SearchConfig,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    on_batch: BatchHook | None = None,
+    on_epoch: EpochHook | None = None,
+) -> SearchResult:
+    """Run a search (or resume one from out_dir) and write its results to out_dir.
+
+    out_dir receives checkpoint.pt after every epoch, and at the end genotype.json and alphas.pt
+    ({"alphas_normal": [epochs, num_edges, K], "alphas_reduce": ..., "primitives": [...]}).
+    A fresh run refuses an out_dir that already holds a checkpoint, so that nothing is overwritten by mistake.
+    """
+    path = Path(out_dir) / CHECKPOINT if out_dir is not None else None
+    ckpt = None
+    if resume:
+        if path is None:
+            raise UsageError("resuming needs the output folder that holds the checkpoint")
+        ckpt = load_checkpoint(path)
+    elif path is not None and path.exists():
+        raise UsageError(f"{path} exists; pass --resume to continue that search or choose another --out")
+    search = Search(config, out_dir)
+    if ckpt is not None:
+        search.load_state_dict(ckpt)
+    result = search.run(on_batch, on_epoch)
+    if out_dir is not None:
+        out = Path(out_dir)
+        (out / "genotype.json").write_text(result.genotype.to_json() + "\n")
+        save_atomic(
+            {"alphas_normal": result.alphas_normal, "alphas_reduce": result.alphas_reduce,
+             "primitives": list(search.space.primitives)},
+            out / "alphas.pt",
+        )  # fmt: skip
+    return result

@@ -1,0 +1,58 @@
+"""The `fastdarts` command: a real run, and one-line usage errors with exit status 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fastdarts.cli import main
+
+
+def _run(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "fastdarts", *args], capture_output=True, text=True, cwd=cwd, check=False
+    )
+
+
+def test_search_prints_genotype_and_writes_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["search", "--data", "digits", "--layers", "3", "--init-channels", "4", "--epochs", "1",
+                 "--batch-size", "450", "--device", "cpu", "--no-progress", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert capsys.readouterr().out.startswith("Genotype(normal=[(")
+    assert {p.name for p in out.iterdir()} == {"checkpoint.pt", "genotype.json", "alphas.pt"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["search", "--algo", "enas", "--out", "x"], "invalid choice: 'enas'"),
+        (["search", "--batch-size", "0", "--out", "x"], "batch_size must be a whole number >= 1, got 0"),
+        (["search", "--data", "cifar10", "--out", "x"], "cifar10 needs --data-dir"),
+        (
+            ["search", "--data", "cifar10", "--data-dir", "/nonexistent/cifar", "--out", "x"],
+            "/nonexistent/cifar",
+        ),
+        (["search", "--out", "x", "--resume"], "no checkpoint to resume"),
+        (["search", "--epochs", "two", "--out", "x"], "invalid int value: 'two'"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_status_2(tmp_path, args, message):
+    result = _run(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert message in lines[0]
+
+
+def test_corrupt_checkpoint_is_a_usage_error(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "checkpoint.pt").write_bytes(b"\x00garbage")
+    result = _run("search", "--out", "x", "--resume", cwd=tmp_path)
+    assert result.returncode == 2 and "corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_info_reports_backends():
+    result = _run("info")
+    assert result.returncode == 0
+    assert '"cpp"' in result.stdout and '"backend": "auto"' in result.stdout

@@ -1,0 +1,104 @@
+"""The search loop on the embedded digits data: results, checkpoints, resumption."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from fastdarts.errors import UsageError
+from fastdarts.search import SearchConfig, run_search
+from fastdarts.search.checkpoint import load_checkpoint, save_atomic
+from fastdarts.select import Genotype
+
+# 3 cells of 4 channels; batches of 450 digits, so an epoch is 2 weight steps (CPU steps cost ~1 s each).
+TINY = {"layers": 3, "init_channels": 4, "batch_size": 450, "seed": 0, "device": "cpu"}
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_at(epoch: int, step: int):
+    def on_batch(e, s, loss, acc):
+        if (e, s) == (epoch, step):
+            raise Killed
+
+    return on_batch
+
+
+@pytest.mark.parametrize("order", ["first", pytest.param("second", marks=pytest.mark.slow)])
+def test_killed_and_resumed_search_ends_like_an_uninterrupted_one(tmp_path, order):
+    cfg = SearchConfig(epochs=2, order=order, **TINY)
+    full = run_search(cfg, tmp_path / "full")
+    with pytest.raises(Killed):  # dies in the middle of the second epoch
+        run_search(cfg, tmp_path / "cut", on_batch=_kill_at(1, 1))
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
+    resumed = run_search(cfg, tmp_path / "cut", resume=True)
+    assert torch.equal(resumed.alphas_normal, full.alphas_normal)
+    assert torch.equal(resumed.alphas_reduce, full.alphas_reduce)
+    assert resumed.genotype == full.genotype
+    assert [r.val_acc for r in resumed.history] == [r.val_acc for r in full.history]
+
+
+def test_search_writes_genotype_and_alphas_history(tmp_path):
+    result = run_search(SearchConfig(epochs=2, **TINY), tmp_path)
+    g = Genotype.from_json((tmp_path / "genotype.json").read_text())
+    assert g == result.genotype and len(g.normal) == 8
+    alphas = torch.load(tmp_path / "alphas.pt", weights_only=True)
+    assert alphas["alphas_normal"].shape == (2, 14, 8)
+    assert alphas["primitives"][0] == "none"
+    assert not torch.equal(alphas["alphas_normal"][0], alphas["alphas_normal"][1])  # the alphas moved
+    assert all(0.0 <= r.val_acc <= 1.0 for r in result.history)
+
+
+def test_weights_learn_on_digits(tmp_path):
+    result = run_search(SearchConfig(epochs=2, **{**TINY, "layers": 2, "batch_size": 64}))
+    assert result.history[-1].train_acc > 0.5  # chance is 0.1
+
+
+def test_fresh_run_refuses_to_overwrite_a_checkpoint(tmp_path):
+    cfg = SearchConfig(epochs=1, **TINY)
+    run_search(cfg, tmp_path)
+    with pytest.raises(UsageError, match="--resume"):
+        run_search(cfg, tmp_path)
+
+
+def test_resume_with_other_settings_names_the_setting(tmp_path):
+    run_search(SearchConfig(epochs=1, **TINY), tmp_path)
+    with pytest.raises(UsageError, match="seed=0.*seed=1"):
+        run_search(SearchConfig(epochs=1, **{**TINY, "seed": 1}), tmp_path, resume=True)
+
+
+def test_corrupt_or_missing_checkpoint_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="no checkpoint"):
+        run_search(SearchConfig(epochs=1, **TINY), tmp_path, resume=True)
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UsageError, match="corrupt"):
+        run_search(SearchConfig(epochs=1, **TINY), tmp_path, resume=True)
+
+
+def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_atomic({"epoch": 1, "model": {}}, path)
+    before = path.read_bytes()
+    with pytest.raises(pickle.PicklingError):
+        save_atomic({"epoch": 2, "model": lambda: None}, path)  # a lambda cannot be pickled: fails mid-write
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("algo", "enas", "unknown algo 'enas'"), ("batch_size", 0, "batch_size must be a whole number >= 1, got 0"),
+     ("space", "nb201", "unknown space 'nb201'"), ("data", "mnist", "unknown data 'mnist'")],
+)  # fmt: skip
+def test_bad_config_values_are_named(field, value, message):
+    with pytest.raises(UsageError, match=message):
+        SearchConfig(**{field: value})
+
+
+def test_history_round_trips_through_the_checkpoint(tmp_path):
+    run_search(SearchConfig(epochs=1, **TINY), tmp_path)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert json.loads(ckpt["history"][0]["genotype"])["normal_concat"] == [2, 3, 4, 5]
