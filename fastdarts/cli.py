@@ -102,12 +102,13 @@ def _search(args: argparse.Namespace) -> None:
     config = SearchConfig(**{k: v for k, v in vars(args).items() if k in fields})
     bar: tqdm | None = None
 
-    def on_batch(epoch: int, step: int, loss: float, acc: float) -> None:
+    def on_batch(epoch: int, step: int, steps: int, loss: float, acc: float) -> None:
         nonlocal bar
         if args.no_progress:
             return
         if bar is None:
-            bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", unit="it", file=sys.stderr, leave=False)
+            desc = f"epoch {epoch + 1}/{config.epochs}"
+            bar = tqdm(total=steps, desc=desc, unit="it", file=sys.stderr, leave=False)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
 

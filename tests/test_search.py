@@ -26,7 +26,7 @@ class Unpicklable:
 
 
 def _kill_at(epoch: int, step: int):
-    def on_batch(e, s, loss, acc):
+    def on_batch(e, s, steps, loss, acc):
         if (e, s) == (epoch, step):
             raise Killed
 
@@ -108,3 +108,11 @@ def test_history_round_trips_through_the_checkpoint(tmp_path):
     run_search(SearchConfig(epochs=1, **TINY), tmp_path)
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert json.loads(ckpt["history"][0]["genotype"])["normal_concat"] == [2, 3, 4, 5]
+
+
+def test_batch_hook_reports_the_epochs_running_means(tmp_path):
+    calls = []
+    result = run_search(SearchConfig(epochs=1, **TINY), tmp_path, on_batch=lambda *a: calls.append(a))
+    assert [c[:3] for c in calls] == [(0, 0, 2), (0, 1, 2)]
+    record = result.history[0]
+    assert calls[-1][3:] == pytest.approx((record.train_loss, record.train_acc))

@@ -115,7 +115,8 @@ class SearchResult:
     alphas_reduce: torch.Tensor
 
 
-BatchHook = Callable[[int, int, float, float], None]  # (epoch, step, loss, acc)
+# (epoch, step, steps in the epoch, mean loss and accuracy of the epoch's weight steps so far)
+BatchHook = Callable[[int, int, int, float, float], None]
 EpochHook = Callable[[EpochRecord], None]
 
 
@@ -217,7 +218,7 @@ class Search:
             correct += batch_correct
             count += y.numel()
             if on_batch is not None:
-                on_batch(self.epoch, step, batch_loss, batch_correct / y.numel())
+                on_batch(self.epoch, step, len(self.data.train), total_loss / count, correct / count)
         return total_loss / max(count, 1), correct / max(count, 1)
 
     def run(self, on_batch: BatchHook | None = None, on_epoch: EpochHook | None = None) -> SearchResult:
