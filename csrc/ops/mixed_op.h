@@ -7,33 +7,12 @@
 #include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
 
-#include <sstream>
 #include <string>
 #include <vector>
 
+#include "ops/common.h"
+
 namespace fastdarts {
-
-// "(2, 4, 8, 8)" / "(7,)": shapes written the way Python users see them.
-inline std::string shape_str(c10::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    out << (i ? ", " : "") << sizes[i];
-  }
-  out << (sizes.size() == 1 ? ",)" : ")");
-  return out.str();
-}
-
-// "float32" / "bfloat16": dtypes written the way Python users see them.
-inline std::string dtype_str(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    default: return std::string(c10::toString(dtype));
-  }
-}
 
 // Every bad input of mixed_op / mixed_op_backward, with a message that names the value and what was expected.
 // `grad` is undefined for the forward.
