@@ -24,4 +24,9 @@ TORCH_LIBRARY(fastdarts_C, m) {
   m.def("mixed_op(Tensor[] xs, Tensor weights) -> Tensor");
   // grad_xs[k] = weights[k] * grad; grad_weights[k] = <grad, xs[k]>
   m.def("mixed_op_backward(Tensor grad, Tensor[] xs, Tensor weights) -> (Tensor[], Tensor)");
+  // out[b, c] = x[b, c] (*) weight[c, 0], stride s, zero padding p, dilation d
+  m.def("depthwise_conv(Tensor x, Tensor weight, int stride, int padding, int dilation) -> Tensor");
+  // (grad_x, grad_weight), each computed only where output_mask says so
+  m.def("depthwise_conv_backward(Tensor grad, Tensor x, Tensor weight, int stride, int padding, int dilation, "
+        "bool[2] output_mask) -> (Tensor, Tensor)");
 }

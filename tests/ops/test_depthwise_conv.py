@@ -1,0 +1,218 @@
+"""depthwise_conv against its pure-PyTorch oracle depthwise_conv_ref (F.conv2d with groups=C).
+
+Tolerances, with S the size of the sums involved (the same computation on |x|, |weight|, |grad|, max over the
+tensor: each output element is a sum of k*k products, each grad_weight element one of B*Ho*Wo products):
+- float64: rtol 1e-7, atol 1e-7 against depthwise_conv_ref.
+- float32: rtol 1e-5, atol 1e-6 * S against depthwise_conv_ref.
+- float16/bfloat16: the error against the float64 oracle is at most 2x the error of depthwise_conv_ref computed in
+  the same precision, plus a floor of 1e-6 * max|oracle|.
+"""
+
+from unittest import mock
+
+import pytest
+import torch
+
+from fastdarts import backend
+from fastdarts.errors import UsageError
+from fastdarts.ops import depthwise_conv, depthwise_conv_ref
+from fastdarts.ops.depthwise_conv import depthwise_conv_backward
+from tests.ops.helpers import assert_matches, make_tensor, needs_ext
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (k, stride, padding, dilation): the eight DARTS geometries, then no padding and a wide stride.
+DARTS_GEOMETRIES = [(k, s, d * (k - 1) // 2, d) for k in (3, 5) for d in (1, 2) for s in (1, 2)]
+GEOMETRIES = DARTS_GEOMETRIES + [(3, 1, 0, 1), (3, 3, 1, 1)]
+SHAPES = [(3, 5, 9, 7), (2, 4, 8, 8), (1, 3, 2, 2), (2, 2, 1, 11)]
+
+
+def geometry_id(g):
+    return "k{}s{}p{}d{}".format(*g)
+
+
+def fits(shape, geometry):
+    k, _, p, d = geometry
+    return min(shape[2:]) + 2 * p >= d * (k - 1) + 1
+
+
+# Every geometry on every shape it fits (a kernel larger than the padded input is a bad input, tested below).
+CASES = [
+    pytest.param(g, s, id=f"{geometry_id(g)}-{'x'.join(map(str, s))}")
+    for g in GEOMETRIES
+    for s in SHAPES
+    if fits(s, g)
+]
+
+
+def forward_backward(fn, x, weight, geometry, grad):
+    out = fn(x, weight, *geometry[1:])
+    grad_x, grad_weight = torch.autograd.grad(out, (x, weight), grad)
+    return out, grad_x, grad_weight
+
+
+def check_against_ref(x, weight, geometry, grad):
+    out, grad_x, grad_weight = forward_backward(depthwise_conv, x, weight, geometry, grad)
+    ref = forward_backward(depthwise_conv_ref, x, weight, geometry, grad)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, weight))
+    oracle = forward_backward(depthwise_conv_ref, x64, w64, geometry, grad.double())
+    a64, aw64 = x64.detach().abs().requires_grad_(), w64.detach().abs().requires_grad_()
+    sizes = forward_backward(depthwise_conv_ref, a64, aw64, geometry, grad.double().abs())
+
+    assert out.is_contiguous() and grad_x.shape == x.shape and grad_weight.shape == weight.shape
+    for name, actual, r, o, s in zip(
+        ("out", "grad_x", "grad_weight"), (out, grad_x, grad_weight), ref, oracle, sizes
+    ):
+        assert_matches(actual, r, o, name, reduction_scale=s.abs().max().item())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize(("geometry", "shape"), CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_matches_reference(device, dtype, geometry, shape, layout):
+    k = geometry[0]
+    x = make_tensor(shape, dtype, layout, device).requires_grad_()
+    weight = make_tensor((shape[1], 1, k, k), dtype, "contiguous", device).requires_grad_()
+    with torch.no_grad():
+        grad = torch.randn_like(depthwise_conv_ref(x, weight, *geometry[1:]).double()).to(dtype)
+    check_against_ref(x, weight, geometry, grad)
+
+
+@pytest.mark.parametrize("geometry", DARTS_GEOMETRIES, ids=geometry_id)
+def test_darts_cifar_shapes(device, geometry):
+    # The separable/dilated convolutions of a C=16 DARTS cell on 32x32 CIFAR inputs, batch 4, in float32.
+    k, s = geometry[:2]
+    x = torch.randn(4, 16, 32, 32, device=device, requires_grad=True)
+    weight = torch.randn(16, 1, k, k, device=device, requires_grad=True)
+    check_against_ref(x, weight, geometry, torch.randn(4, 16, 32 // s, 32 // s, device=device))
+
+
+def test_empty_batch(device):
+    x = torch.randn(0, 3, 5, 5, device=device, requires_grad=True)
+    weight = torch.randn(3, 1, 3, 3, device=device, requires_grad=True)
+    out = depthwise_conv(x, weight, 1, 1, 1)
+    assert out.shape == (0, 3, 5, 5)
+    grad_x, grad_weight = torch.autograd.grad(out.sum(), (x, weight))
+    assert grad_x.shape == x.shape and torch.equal(grad_weight, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("needs", ["x", "weight"])
+def test_gradients_only_where_needed(device, needs):
+    x = torch.randn(2, 3, 6, 6, device=device, requires_grad=needs == "x")
+    weight = torch.randn(3, 1, 3, 3, device=device, requires_grad=needs == "weight")
+    out = depthwise_conv(x, weight, 1, 1, 1)
+    (g,) = torch.autograd.grad(out.square().sum(), [x if needs == "x" else weight])
+    ref = depthwise_conv_ref(x, weight, 1, 1, 1)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), [x if needs == "x" else weight])
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_backward_is_deterministic_across_thread_counts():
+    x = torch.randn(16, 8, 32, 32)
+    weight = torch.randn(8, 1, 5, 5)
+    grad = torch.randn(16, 8, 16, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = depthwise_conv_backward(grad, x, weight, 2, 4, 2, [True, True])
+        torch.set_num_threads(max(2, threads))
+        many = depthwise_conv_backward(grad, x, weight, 2, 4, 2, [True, True])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "reference"])
+@pytest.mark.parametrize("geometry", [(3, 1, 1, 1), (5, 2, 4, 2)], ids=geometry_id)
+def test_gradcheck(device, backend_name, geometry):
+    backend.set_backend(backend_name)
+    k, s, p, d = geometry
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, device=device, requires_grad=True)
+    weight = torch.randn(3, 1, k, k, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: depthwise_conv(a, b, s, p, d), (x, weight))
+    assert torch.autograd.gradgradcheck(lambda a, b: depthwise_conv(a, b, s, p, d), (x, weight))
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "reference"])
+def test_opcheck(device, backend_name):
+    backend.set_backend(backend_name)
+    for layout, geometry in [("contiguous", (3, 1, 1, 1)), ("channels_last", (5, 2, 4, 2))]:
+        k, s, p, d = geometry
+        x = make_tensor((2, 3, 7, 6), torch.float32, layout, device).requires_grad_()
+        weight = torch.randn(3, 1, k, k, device=device, requires_grad=True)
+        torch.library.opcheck(depthwise_conv, (x, weight, s, p, d))
+        grad = torch.randn_like(depthwise_conv(x, weight, s, p, d))
+        for mask in ([True, True], [True, False], [False, True]):
+            torch.library.opcheck(depthwise_conv_backward, (grad, x, weight, s, p, d, mask))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    def sep_half(x, weight):  # the first half of a sep_conv candidate, up to the pointwise convolution
+        return depthwise_conv(torch.relu(x), weight, 1, 1, 1).square().mean()
+
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    weight = torch.randn(4, 1, 3, 3, requires_grad=True)
+    loss = torch.compile(sep_half, fullgraph=True)(x, weight)
+    expected_loss = depthwise_conv_ref(torch.relu(x), weight, 1, 1, 1).square().mean()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    for g, e in zip(torch.autograd.grad(loss, (x, weight)), torch.autograd.grad(expected_loss, (x, weight))):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@needs_ext
+def test_backends_choose_the_kernel():
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    weight = torch.randn(3, 1, 3, 3, requires_grad=True)
+    fwd = mock.Mock(wraps=torch.ops.fastdarts_C.depthwise_conv)
+    bwd = mock.Mock(wraps=torch.ops.fastdarts_C.depthwise_conv_backward)
+    with (
+        mock.patch.object(torch.ops.fastdarts_C, "depthwise_conv", fwd),
+        mock.patch.object(torch.ops.fastdarts_C, "depthwise_conv_backward", bwd),
+    ):
+        depthwise_conv(x, weight, 1, 1, 1).sum().backward()
+        assert fwd.call_count == 1 and bwd.call_count == 1
+        backend.set_backend("reference")
+        depthwise_conv(x, weight, 1, 1, 1).sum().backward()
+        assert fwd.call_count == 1 and bwd.call_count == 1
+
+
+def bad_inputs():
+    x = torch.randn(2, 4, 8, 8)
+    w = torch.randn(4, 1, 3, 3)
+    return [
+        ((x[0], w, 1, 1, 1), r"x has shape \(4, 8, 8\), expected 4 dims \[B, C, H, W\]"),
+        ((x.int(), w, 1, 1, 1), "x has dtype torch.int32, expected one of float32"),
+        (
+            (x, w[:3], 1, 1, 1),
+            r"weight has shape \(3, 1, 3, 3\), expected \(4, 1, k, k\) for x with 4 channels",
+        ),
+        ((x, w[..., :2], 1, 1, 1), r"weight has shape \(4, 1, 3, 2\), expected \(4, 1, k, k\)"),
+        ((x, w.double(), 1, 1, 1), "weight has dtype torch.float64, expected torch.float32 like x"),
+        ((x, w, 0, 1, 1), "stride is 0, expected >= 1"),
+        ((x, w, 1, -1, 1), "padding is -1, expected >= 0"),
+        ((x, w, 1, 1, 0), "dilation is 0, expected >= 1"),
+        ((x[..., :2, :2], torch.randn(4, 1, 5, 5), 1, 1, 1), r"too small for a 5x5 kernel with dilation 1"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(bad_inputs())))
+def test_bad_inputs_are_named(case):
+    args, message = bad_inputs()[case]
+    with pytest.raises(UsageError, match=message):
+        depthwise_conv(*args)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", range(len(bad_inputs())))
+def test_bad_inputs_are_named_by_compiled_kernel(case):
+    args, message = bad_inputs()[case]
+    message = message.replace("torch.", "")  # C++ names dtypes without the module
+    with pytest.raises((ValueError, TypeError), match=message):
+        torch.ops.fastdarts_C.depthwise_conv(*args)
+
+
+def test_bad_grad_is_named():
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(4, 1, 3, 3)
+    with pytest.raises(UsageError, match=r"grad has shape \(2, 4, 4, 4\), expected \(2, 4, 8, 8\)"):
+        depthwise_conv_backward(torch.randn(2, 4, 4, 4), x, w, 1, 1, 1, [True, True])
