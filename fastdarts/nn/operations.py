@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from fastdarts import ops
+
 
 class ReLUConvBN(nn.Module):
     """ReLU -> Conv(k x k) -> BatchNorm. [B, C_in, H, W] -> [B, C_out, H / stride, W / stride]."""
@@ -29,6 +31,17 @@ class ReLUConvBN(nn.Module):
         return self.op(x)
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """The depthwise convolution of sep_conv and dil_conv: an ``nn.Conv2d`` with ``groups == C`` and no bias
+    (so its ``weight`` [C, 1, k, k] keeps DARTS' name and shape) computed by :func:`fastdarts.ops.depthwise_conv`."""
+
+    def __init__(self, C: int, kernel_size: int, stride: int, padding: int, dilation: int = 1):
+        super().__init__(C, C, kernel_size, stride, padding, dilation=dilation, groups=C, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.depthwise_conv(x, self.weight, self.stride[0], self.padding[0], self.dilation[0])
+
+
 class DilConv(nn.Module):
     """ReLU -> depthwise dilated conv -> pointwise conv -> BatchNorm."""
 
@@ -45,7 +58,7 @@ class DilConv(nn.Module):
         super().__init__()
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, dilation=dilation, groups=C_in, bias=False),
+            DepthwiseConv2d(C_in, kernel_size, stride, padding, dilation),
             nn.Conv2d(C_in, C_out, 1, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
@@ -63,11 +76,11 @@ class SepConv(nn.Module):
         super().__init__()
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, groups=C_in, bias=False),
+            DepthwiseConv2d(C_in, kernel_size, stride, padding),
             nn.Conv2d(C_in, C_in, 1, bias=False),
             nn.BatchNorm2d(C_in, affine=affine),
             nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_in, kernel_size, 1, padding, groups=C_in, bias=False),
+            DepthwiseConv2d(C_in, kernel_size, 1, padding),
             nn.Conv2d(C_in, C_out, 1, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
