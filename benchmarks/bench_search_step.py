@@ -1,0 +1,48 @@
+"""One whole search iteration (architecture step + weight step) of the DARTS supernet on the CPU: the default
+backend (fastdarts' compiled kernels) against the pure-PyTorch reference path, in the same run.
+
+Shapes: the `make search` default (5 cells, C=8, batch 64, 8x8 digits, 1 channel) and a CIFAR-sized supernet
+(8 cells, C=16, batch 16, 32x32, 3 channels); first order, and second order (finite-difference HVP) at the
+digits shape.
+
+    pytest benchmarks/bench_search_step.py         # add --benchmark-json benchmarks/results/<name>.json to keep
+"""
+
+import pytest
+import torch
+
+import fastdarts
+from fastdarts.nn import SearchNetwork
+from fastdarts.search import Architect, ArchitectConfig
+
+# (name, layers, C, batch, image size, image channels, order)
+CASES = [
+    ("digits-5x8-b64", 5, 8, 64, 8, 1, "first"),
+    ("digits-5x8-b64", 5, 8, 64, 8, 1, "second"),
+    ("cifar-8x16-b16", 8, 16, 16, 32, 3, "first"),
+]
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "reference"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[-1]}")
+def test_search_step_cpu(benchmark, case, backend_name):
+    name, layers, C, batch, size, channels, order = case
+    fastdarts.set_backend(backend_name)
+    torch.manual_seed(0)
+    net = SearchNetwork(C, 10, layers, in_channels=channels)
+    x, y = torch.randn(batch, channels, size, size), torch.randint(0, 10, (batch,))
+    x_val, y_val = torch.randn(batch, channels, size, size), torch.randint(0, 10, (batch,))
+    optimizer = torch.optim.SGD(net.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+    architect = Architect(net, ArchitectConfig(order=order))
+
+    def step():
+        architect.step(x, y, x_val, y_val, 0.025, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        net.loss(x, y).backward()
+        optimizer.step()
+
+    benchmark.group = f"search step {name} {order} order"
+    benchmark.extra_info.update(
+        threads=torch.get_num_threads(), torch=torch.__version__, backend=backend_name
+    )
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
