@@ -254,17 +254,14 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv_backward_cpu(const at::Tensor&
   const int64_t kk = g.k * g.k;
   at::Tensor grad_x = output_mask[0] ? at::empty_like(x) : at::Tensor();
   at::Tensor gw_planes = output_mask[1] ? at::empty({g.B, g.C, kk}, x.options().dtype(acc_dtype)) : at::Tensor();
-  if (x.numel() > 0 && grad.numel() > 0) {
-    const at::Tensor w = weight.to(acc_dtype).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv_backward_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      backward_kernel<scalar_t>(g, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                w.const_data_ptr<acc_t>(), output_mask[0] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
-                                output_mask[1] ? gw_planes.mutable_data_ptr<acc_t>() : nullptr);
-    });
-  } else if (grad_x.defined()) {
-    grad_x.zero_();
-  }
+  // Always run: every plane writes its weight-gradient partial sums, even a plane with no pixels (H = 0).
+  const at::Tensor w = weight.to(acc_dtype).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_kernel<scalar_t>(g, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                              w.const_data_ptr<acc_t>(), output_mask[0] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
+                              output_mask[1] ? gw_planes.mutable_data_ptr<acc_t>() : nullptr);
+  });
   at::Tensor grad_weight;
   if (output_mask[1]) {
     grad_weight = at::zeros({g.C, 1, g.k, g.k}, gw_planes.options());

@@ -216,3 +216,14 @@ def test_bad_grad_is_named():
     x, w = torch.randn(2, 4, 8, 8), torch.randn(4, 1, 3, 3)
     with pytest.raises(UsageError, match=r"grad has shape \(2, 4, 4, 4\), expected \(2, 4, 8, 8\)"):
         depthwise_conv_backward(torch.randn(2, 4, 4, 4), x, w, 1, 1, 1, [True, True])
+
+
+@needs_ext
+def test_planes_without_pixels_have_zero_weight_gradient():
+    # H = 0 but the padding still gives a 2x4 output of zeros: grad_weight is exactly zero, not uninitialised.
+    x = torch.randn(2, 3, 0, 2, requires_grad=True)
+    weight = torch.randn(3, 1, 3, 3, requires_grad=True)
+    out = depthwise_conv(x, weight, 1, 2, 1)
+    assert out.shape == (2, 3, 2, 4) and torch.equal(out, torch.zeros_like(out))
+    grad_x, grad_weight = torch.autograd.grad(out, (x, weight), torch.randn(2, 3, 2, 4))
+    assert grad_x.shape == x.shape and torch.equal(grad_weight, torch.zeros_like(weight))
