@@ -29,4 +29,14 @@ TORCH_LIBRARY(fastdarts_C, m) {
   // (grad_x, grad_weight), each computed only where output_mask says so
   m.def("depthwise_conv_backward(Tensor grad, Tensor x, Tensor weight, int stride, int padding, int dilation, "
         "bool[2] output_mask) -> (Tensor, Tensor)");
+  // DARTS' ReLU -> depthwise conv -> pointwise conv -> BatchNorm unit: (y, d, p, mean, invstd, new_running_mean,
+  // new_running_var) with d the depthwise output, p the pointwise output (both kept for the backward, in fp32 or
+  // fp64) and the running statistics after this batch (empty unless training with running statistics)
+  m.def("dil_conv(Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? bn_weight, Tensor? bn_bias, "
+        "Tensor? running_mean, Tensor? running_var, int stride, int padding, int dilation, bool training, "
+        "float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (grad_x, grad_dw_weight, grad_pw_weight, grad_bn_weight, grad_bn_bias), each empty where output_mask is False
+  m.def("dil_conv_backward(Tensor grad, Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? bn_weight, "
+        "Tensor d, Tensor p, Tensor mean, Tensor invstd, int stride, int padding, int dilation, bool training, "
+        "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

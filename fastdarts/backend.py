@@ -18,7 +18,7 @@ import torch
 
 from fastdarts.errors import UsageError
 
-__all__ = ["BACKENDS", "get_backend", "info", "kernel_live", "set_backend"]
+__all__ = ["BACKENDS", "extension_loaded", "get_backend", "info", "kernel_live", "set_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,11 @@ def _has_kernel(op_name: str, device_type: str) -> bool:
             and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdarts_C::{op_name}", dispatch_key)
         )
     return _registered[key]
+
+
+def extension_loaded() -> bool:
+    """Whether ``fastdarts._C`` loaded, so that its operators ``torch.ops.fastdarts_C.*`` exist."""
+    return _EXT_LOADED
 
 
 def set_backend(name: str) -> None:

@@ -42,8 +42,25 @@ class DepthwiseConv2d(nn.Conv2d):
         return ops.depthwise_conv(x, self.weight, self.stride[0], self.padding[0], self.dilation[0])
 
 
+def _dil_conv_unit(x: Tensor, dw: DepthwiseConv2d, pw: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
+    """ReLU -> dw -> pw -> bn as one :func:`fastdarts.ops.dil_conv` call, with the running-statistics semantics of
+    ``nn.BatchNorm2d.forward`` (num_batches_tracked, momentum None as a cumulative average, eval mode)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    batch_stats = bn.training or bn.running_mean is None
+    track = not bn.training or bn.track_running_stats
+    return ops.dil_conv(
+        x, dw.weight, pw.weight, bn.weight, bn.bias, bn.running_mean if track else None,
+        bn.running_var if track else None, dw.stride[0], dw.padding[0], dw.dilation[0], batch_stats, momentum,
+        bn.eps,
+    )  # fmt: skip
+
+
 class DilConv(nn.Module):
-    """ReLU -> depthwise dilated conv -> pointwise conv -> BatchNorm."""
+    """ReLU -> depthwise dilated conv -> pointwise conv -> BatchNorm, one :func:`fastdarts.ops.dil_conv`."""
 
     def __init__(
         self,
@@ -64,11 +81,14 @@ class DilConv(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.op(x)
+        if type(self.op[0]) is not nn.ReLU:  # a swapped-in activation: run the modules as they are
+            return self.op(x)
+        return _dil_conv_unit(x, *self.op[1:])
 
 
 class SepConv(nn.Module):
-    """Two stacked (ReLU -> depthwise conv -> pointwise conv -> BatchNorm); only the first one strides."""
+    """Two stacked (ReLU -> depthwise conv -> pointwise conv -> BatchNorm), two :func:`fastdarts.ops.dil_conv`;
+    only the first one strides."""
 
     def __init__(
         self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True
@@ -86,7 +106,9 @@ class SepConv(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.op(x)
+        if type(self.op[0]) is not nn.ReLU or type(self.op[4]) is not nn.ReLU:  # a swapped-in activation
+            return self.op(x)
+        return _dil_conv_unit(_dil_conv_unit(x, *self.op[1:4]), *self.op[5:8])
 
 
 class Identity(nn.Module):

@@ -2,6 +2,7 @@
 (see :func:`fastdarts.backend.info`) and by its pure-PyTorch ``<op>_ref`` everywhere else."""
 
 from fastdarts.ops.depthwise_conv import depthwise_conv, depthwise_conv_ref
+from fastdarts.ops.dil_conv import dil_conv, dil_conv_ref
 from fastdarts.ops.mixed_op import mixed_op, mixed_op_ref
 
-__all__ = ["depthwise_conv", "depthwise_conv_ref", "mixed_op", "mixed_op_ref"]
+__all__ = ["depthwise_conv", "depthwise_conv_ref", "dil_conv", "dil_conv_ref", "mixed_op", "mixed_op_ref"]

@@ -20,7 +20,9 @@ __all__ = ["depthwise_conv", "depthwise_conv_ref"]
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _output_shape(op: str, x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> tuple:
+def _output_shape(
+    op: str, x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, weight_name: str = "weight"
+) -> tuple:
     """The output shape [B, C, Ho, Wo]; raises UsageError naming the bad value (mirrors csrc check_inputs)."""
     if x.dim() != 4:
         raise UsageError(f"{op}: x has shape {tuple(x.shape)}, expected 4 dims [B, C, H, W]")
@@ -34,12 +36,12 @@ def _output_shape(op: str, x: Tensor, weight: Tensor, stride: int, padding: int,
         or weight.shape[2] != weight.shape[3]
     ):
         raise UsageError(
-            f"{op}: weight has shape {tuple(weight.shape)}, expected ({C}, 1, k, k) for x with {C} channels"
+            f"{op}: {weight_name} has shape {tuple(weight.shape)}, expected ({C}, 1, k, k) for x with {C} channels"
         )
     if weight.dtype != x.dtype:
-        raise UsageError(f"{op}: weight has dtype {weight.dtype}, expected {x.dtype} like x")
+        raise UsageError(f"{op}: {weight_name} has dtype {weight.dtype}, expected {x.dtype} like x")
     if weight.device != x.device:
-        raise UsageError(f"{op}: weight is on {weight.device}, expected {x.device} like x")
+        raise UsageError(f"{op}: {weight_name} is on {weight.device}, expected {x.device} like x")
     for name, value, least in (("stride", stride, 1), ("dilation", dilation, 1), ("padding", padding, 0)):
         if value < least:
             raise UsageError(f"{op}: {name} is {value}, expected >= {least}")

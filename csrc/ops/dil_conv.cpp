@@ -1,0 +1,460 @@
+// CPU kernels of dil_conv, DARTS' ReLU -> depthwise conv -> pointwise conv -> BatchNorm unit (DilConv is one,
+// SepConv two), in one call each way:
+//   r = relu(x);  d = depthwise(r, dw_weight);  p[b, o] = sum_i pw_weight[o, i] * d[b, i];
+//   y = (p - mean) * invstd * bn_weight + bn_bias
+// with the batch statistics of p (training) or the running ones (eval). At DARTS' sizes the eager chain spends its
+// time on per-call set-up of ~5 kernels each way (oneDNN convolutions, BatchNorm, ReLU); here each pass is a plain
+// loop over memory that is still in cache. Everything is computed in at::opmath_type (fp32, fp64 for fp64): half
+// and bfloat16 inputs are converted on entry and the results on exit. Every reduction (the statistics, the weight
+// gradients) is summed per row or per sample and then in a fixed order: bitwise the same for any thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "ops/common.h"
+#include "ops/depthwise_conv.h"
+
+namespace fastdarts {
+namespace {
+
+using depthwise::Geometry;
+
+using depthwise::kBlock;
+
+// sum_{n < len} f(n), in kBlock independent partial sums (so that it vectorises), added up in a fixed order.
+template <typename T, typename F>
+inline T lane_sum(int64_t len, F f) {
+  T lanes[kBlock] = {};
+  int64_t n = 0;
+  for (; n + kBlock <= len; n += kBlock) {
+    for (int64_t l = 0; l < kBlock; ++l) {
+      lanes[l] += f(n + l);
+    }
+  }
+  T tail = 0;
+  for (; n < len; ++n) {
+    tail += f(n);
+  }
+  return depthwise::sum_block(lanes) + tail;
+}
+
+// Rows per parallel task: about 16K multiply-adds each.
+inline int64_t row_grain(int64_t work_per_row) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work_per_row));
+}
+
+// out[b, o, :] = sum_i w[o, i] * in[b, i, :] for w [O, I], in [B, I, N], out [B, O, N] (the 1x1 convolution).
+// With row_mean / row_m2 [B, O], also each out row's mean and sum of squared deviations from it. The partial sums
+// stay in registers across i: blocks of kBlock pixels of one row when the rows are long, blocks of kBlock output
+// channels of one pixel when they are short (2x2 and 4x4 planes).
+template <typename T>
+void pointwise(const T* w, const T* in, T* out, int64_t B, int64_t I, int64_t O, int64_t N, T* row_mean = nullptr,
+               T* row_m2 = nullptr) {
+  if (N >= kBlock) {
+    fastdarts::parallel_for(0, B * O, row_grain(I * N), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / O, o = r % O;
+        T* dst = out + r * N;
+        const T* src = in + b * I * N;
+        const T* wr = w + o * I;
+        int64_t n0 = 0;
+        for (; n0 + kBlock <= N; n0 += kBlock) {
+          T acc[kBlock] = {};
+          for (int64_t i = 0; i < I; ++i) {
+            const T wv = wr[i];
+            const T* __restrict__ s = src + i * N + n0;
+            for (int64_t l = 0; l < kBlock; ++l) {
+              acc[l] += wv * s[l];
+            }
+          }
+          std::copy_n(acc, kBlock, dst + n0);
+        }
+        for (int64_t n = n0; n < N; ++n) {
+          T acc = 0;
+          for (int64_t i = 0; i < I; ++i) {
+            acc += wr[i] * src[i * N + n];
+          }
+          dst[n] = acc;
+        }
+      }
+    });
+  } else {
+    const int64_t Op = (O + kBlock - 1) / kBlock * kBlock;
+    std::vector<T> wt(I * Op, T(0));  // w transposed, [I, Op], zero past O
+    for (int64_t o = 0; o < O; ++o) {
+      for (int64_t i = 0; i < I; ++i) {
+        wt[i * Op + o] = w[o * I + i];
+      }
+    }
+    fastdarts::parallel_for(0, B, row_grain(O * I * N), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const T* src = in + b * I * N;
+        T* dst = out + b * O * N;
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t o0 = 0; o0 < O; o0 += kBlock) {
+            T acc[kBlock] = {};
+            for (int64_t i = 0; i < I; ++i) {
+              const T v = src[i * N + n];
+              const T* __restrict__ wr = wt.data() + i * Op + o0;
+              for (int64_t l = 0; l < kBlock; ++l) {
+                acc[l] += v * wr[l];
+              }
+            }
+            for (int64_t l = 0; l < std::min(kBlock, O - o0); ++l) {
+              dst[(o0 + l) * N + n] = acc[l];
+            }
+          }
+        }
+      }
+    });
+  }
+  if (row_mean) {
+    fastdarts::parallel_for(0, B * O, row_grain(2 * N), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* row = out + r * N;
+        const T mean = lane_sum<T>(N, [&](int64_t n) { return row[n]; }) / static_cast<T>(N);
+        row_mean[r] = mean;
+        row_m2[r] = lane_sum<T>(N, [&](int64_t n) { return (row[n] - mean) * (row[n] - mean); });
+      }
+    });
+  }
+}
+
+// gw[o, i] = sum_b sum_n g[b, o, n] * in[b, i, n]: per sample, in[b] is transposed to [N, I] so that each pixel
+// adds g[b, :, n] x in[b, :, n] into a [O, I] partial sum along contiguous rows; then the batch in a fixed order.
+template <typename T>
+void pointwise_grad_weight(const T* g, const T* in, T* gw, int64_t B, int64_t I, int64_t O, int64_t N) {
+  std::vector<T> partial(B * O * I, T(0));
+  fastdarts::parallel_for(0, B, row_grain(O * I * N), [&](int64_t begin, int64_t end) {
+    std::vector<T> in_t(N * I);
+    for (int64_t b = begin; b < end; ++b) {
+      const T* ib = in + b * I * N;
+      for (int64_t i = 0; i < I; ++i) {
+        for (int64_t n = 0; n < N; ++n) {
+          in_t[n * I + i] = ib[i * N + n];
+        }
+      }
+      const T* gb = g + b * O * N;
+      T* acc = partial.data() + b * O * I;
+      for (int64_t n = 0; n < N; ++n) {
+        const T* __restrict__ row = in_t.data() + n * I;
+        for (int64_t o = 0; o < O; ++o) {
+          const T gv = gb[o * N + n];
+          T* __restrict__ a = acc + o * I;
+          for (int64_t i = 0; i < I; ++i) {
+            a[i] += gv * row[i];
+          }
+        }
+      }
+    }
+  });
+  std::fill(gw, gw + O * I, T(0));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t e = 0; e < O * I; ++e) {
+      gw[e] += partial[b * O * I + e];
+    }
+  }
+}
+
+struct Unit {
+  Geometry g;  // of the depthwise convolution: B, C = Ci, H, W -> Ho, Wo
+  int64_t Co;
+  int64_t N() const { return g.Ho * g.Wo; }
+};
+
+void check_param(const char* op, const at::Tensor& t, const char* name, int64_t C, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, op, ": ", name, " has shape ", shape_str(t.sizes()),
+                    ", expected (", C, ",) for ", C, " output channels");
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", expected ", x.device(),
+                    " like x");
+}
+
+Unit check_unit(const char* op, const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
+                const std::optional<at::Tensor>& bn_weight, int64_t stride, int64_t padding, int64_t dilation) {
+  Unit u{depthwise::check_inputs(op, x, dw_weight, stride, padding, dilation, "dw_weight"), 0};
+  const int64_t Ci = u.g.C;
+  TORCH_CHECK_VALUE(pw_weight.dim() == 4 && pw_weight.size(1) == Ci && pw_weight.size(2) == 1 &&
+                        pw_weight.size(3) == 1,
+                    op, ": pw_weight has shape ", shape_str(pw_weight.sizes()), ", expected (C_out, ", Ci,
+                    ", 1, 1) for x with ", Ci, " channels");
+  TORCH_CHECK_TYPE(pw_weight.scalar_type() == x.scalar_type(), op, ": pw_weight has dtype ",
+                   dtype_str(pw_weight.scalar_type()), ", expected ", dtype_str(x.scalar_type()), " like x");
+  TORCH_CHECK_VALUE(pw_weight.device() == x.device(), op, ": pw_weight is on ", pw_weight.device(), ", expected ",
+                    x.device(), " like x");
+  u.Co = pw_weight.size(0);
+  if (bn_weight) {
+    check_param(op, *bn_weight, "bn_weight", u.Co, x);
+  }
+  return u;
+}
+
+// The tensor in the accumulation dtype, contiguous (no copy when it already is both).
+at::Tensor acc_contiguous(const at::Tensor& t) {
+  return t.to(at::toOpMathType(t.scalar_type())).contiguous();
+}
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Outputs dil_conv_cpu(const at::Tensor& x_in, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
+                     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                     int64_t stride, int64_t padding, int64_t dilation, bool training, double momentum, double eps) {
+  const char* op = "dil_conv";
+  const Unit u = check_unit(op, x_in, dw_weight, pw_weight, bn_weight, stride, padding, dilation);
+  const Geometry& g = u.g;
+  TORCH_CHECK_VALUE(bn_weight.has_value() == bn_bias.has_value(), op,
+                    ": bn_weight and bn_bias must be given together (BatchNorm affine) or both be None");
+  if (bn_bias) {
+    check_param(op, *bn_bias, "bn_bias", u.Co, x_in);
+  }
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
+                    ": running_mean and running_var must be given together or both be None");
+  if (running_mean) {
+    check_param(op, *running_mean, "running_mean", u.Co, x_in);
+    check_param(op, *running_var, "running_var", u.Co, x_in);
+  }
+  TORCH_CHECK_VALUE(training || running_mean, op,
+                    ": training is False but running_mean and running_var are None: eval mode normalises with them");
+  TORCH_CHECK_VALUE(!training || g.B * u.N() > 1, op, ": the BatchNorm output has shape (", g.B, ", ", u.Co, ", ",
+                    g.Ho, ", ", g.Wo, "), expected more than one value per channel to compute batch statistics");
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps is ", eps, ", expected > 0");
+
+  const at::ScalarType acc = at::toOpMathType(x_in.scalar_type());
+  const at::TensorOptions acc_options = x_in.options().dtype(acc);
+  const at::Tensor x = acc_contiguous(x_in);
+  const at::Tensor dw = acc_contiguous(dw_weight);
+  const at::Tensor pw = acc_contiguous(pw_weight);
+  const int64_t B = g.B, Ci = g.C, Co = u.Co, N = u.N();
+  at::Tensor d = at::empty({B, Ci, g.Ho, g.Wo}, acc_options);
+  at::Tensor p = at::empty({B, Co, g.Ho, g.Wo}, acc_options);
+  at::Tensor y = at::empty({B, Co, g.Ho, g.Wo}, acc_options);
+  at::Tensor mean = at::empty({Co}, acc_options);
+  at::Tensor invstd = at::empty({Co}, acc_options);
+  const bool update = training && running_mean.has_value();
+  at::Tensor new_mean = at::empty({0}, acc_options), new_var = at::empty({0}, acc_options);
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "dil_conv_cpu", [&] {
+    using T = scalar_t;
+    if (d.numel() > 0) {
+      depthwise::forward_kernel<T>(g, x.const_data_ptr<T>(), dw.const_data_ptr<T>(), d.mutable_data_ptr<T>(),
+                                   /*relu=*/true);
+    }
+    T* m = mean.mutable_data_ptr<T>();
+    T* is = invstd.mutable_data_ptr<T>();
+    if (training) {
+      std::vector<T> row_mean(B * Co), row_m2(B * Co);
+      pointwise<T>(pw.const_data_ptr<T>(), d.const_data_ptr<T>(), p.mutable_data_ptr<T>(), B, Ci, Co, N,
+                   row_mean.data(), row_m2.data());
+      // Chan et al.'s merge of equal-sized rows: mean of the means; M2 = sum of M2 + N * sum (mean_b - mean)^2.
+      std::vector<double> batch_mean(Co), batch_var_unbiased(Co);
+      for (int64_t o = 0; o < Co; ++o) {
+        double s = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          s += row_mean[b * Co + o];
+        }
+        const double mu = s / B;
+        double m2 = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          const double dev = row_mean[b * Co + o] - mu;
+          m2 += row_m2[b * Co + o] + N * dev * dev;
+        }
+        const double count = static_cast<double>(B * N);
+        m[o] = static_cast<T>(mu);
+        is[o] = static_cast<T>(1.0 / std::sqrt(m2 / count + eps));
+        batch_mean[o] = mu;
+        batch_var_unbiased[o] = m2 / (count - 1);
+      }
+      if (update) {  // running = (1 - momentum) * running + momentum * batch, the variance unbiased (as BatchNorm)
+        const at::Tensor rm = running_mean->to(at::kDouble).contiguous();
+        const at::Tensor rv = running_var->to(at::kDouble).contiguous();
+        at::Tensor nm = at::empty({Co}, rm.options()), nv = at::empty({Co}, rv.options());
+        for (int64_t o = 0; o < Co; ++o) {
+          nm.mutable_data_ptr<double>()[o] = (1 - momentum) * rm.const_data_ptr<double>()[o] + momentum * batch_mean[o];
+          nv.mutable_data_ptr<double>()[o] =
+              (1 - momentum) * rv.const_data_ptr<double>()[o] + momentum * batch_var_unbiased[o];
+        }
+        new_mean = nm.to(running_mean->scalar_type());
+        new_var = nv.to(running_var->scalar_type());
+      }
+    } else {
+      pointwise<T>(pw.const_data_ptr<T>(), d.const_data_ptr<T>(), p.mutable_data_ptr<T>(), B, Ci, Co, N);
+      const at::Tensor rm = running_mean->to(acc).contiguous();
+      const at::Tensor rv = running_var->to(acc).contiguous();
+      for (int64_t o = 0; o < Co; ++o) {
+        m[o] = rm.const_data_ptr<T>()[o];
+        is[o] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(rv.const_data_ptr<T>()[o]) + eps));
+      }
+    }
+    // y = p * scale + shift per channel
+    std::vector<T> scale(Co), shift(Co);
+    const at::Tensor bw = bn_weight ? bn_weight->to(acc).contiguous() : at::Tensor();
+    const at::Tensor bb = bn_bias ? bn_bias->to(acc).contiguous() : at::Tensor();
+    for (int64_t o = 0; o < Co; ++o) {
+      const T w = bn_weight ? bw.const_data_ptr<T>()[o] : T(1);
+      scale[o] = is[o] * w;
+      shift[o] = (bn_bias ? bb.const_data_ptr<T>()[o] : T(0)) - m[o] * scale[o];
+    }
+    const T* pp = p.const_data_ptr<T>();
+    T* yp = y.mutable_data_ptr<T>();
+    fastdarts::parallel_for(0, B * Co, row_grain(N), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T a = scale[r % Co], c = shift[r % Co];
+        for (int64_t n = 0; n < N; ++n) {
+          yp[r * N + n] = pp[r * N + n] * a + c;
+        }
+      }
+    });
+  });
+  return {y.to(x_in.scalar_type()), d, p, mean, invstd, new_mean, new_var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dil_conv_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
+    const std::optional<at::Tensor>& bn_weight, const at::Tensor& d_in, const at::Tensor& p_in,
+    const at::Tensor& mean_in, const at::Tensor& invstd_in, int64_t stride, int64_t padding, int64_t dilation,
+    bool training, std::array<bool, 5> output_mask) {
+  const char* op = "dil_conv_backward";
+  const Unit u = check_unit(op, x_in, dw_weight, pw_weight, bn_weight, stride, padding, dilation);
+  const Geometry& g = u.g;
+  const int64_t B = g.B, Ci = g.C, Co = u.Co, N = u.N();
+  const at::ScalarType acc = at::toOpMathType(x_in.scalar_type());
+  auto check_saved = [&](const at::Tensor& t, const char* name, c10::IntArrayRef shape) {
+    TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " has shape ", shape_str(t.sizes()), ", expected ",
+                      shape_str(shape));
+    TORCH_CHECK_TYPE(t.scalar_type() == acc, op, ": ", name, " has dtype ", dtype_str(t.scalar_type()),
+                     ", expected ", dtype_str(acc), " (what dil_conv returns)");
+    TORCH_CHECK_VALUE(t.device() == x_in.device(), op, ": ", name, " is on ", t.device(), ", expected ",
+                      x_in.device(), " like x");
+  };
+  TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({B, Co, g.Ho, g.Wo}), op, ": grad has shape ",
+                    shape_str(grad_in.sizes()), ", expected (", B, ", ", Co, ", ", g.Ho, ", ", g.Wo,
+                    ") like the output");
+  TORCH_CHECK_VALUE(grad_in.device() == x_in.device(), op, ": grad is on ", grad_in.device(), ", expected ",
+                    x_in.device(), " like x");
+  check_saved(d_in, "d", {B, Ci, g.Ho, g.Wo});
+  check_saved(p_in, "p", {B, Co, g.Ho, g.Wo});
+  check_saved(mean_in, "mean", {Co});
+  check_saved(invstd_in, "invstd", {Co});
+
+  const at::Tensor grad = acc_contiguous(grad_in);
+  const at::Tensor d = d_in.contiguous(), p = p_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
+  const at::TensorOptions acc_options = x_in.options().dtype(acc);
+  const bool need_x = output_mask[0], need_dw = output_mask[1], need_pw = output_mask[2];
+  const bool need_bn = bn_weight.has_value() && (output_mask[3] || output_mask[4]);
+  // Gradients not asked for are returned empty.
+  auto none = [&] { return at::empty({0}, acc_options); };  // distinct tensors: outputs must not alias
+  at::Tensor gx = none(), gdw = none(), gpw = none(), gbw = none(), gbb = none();
+  if (!(need_x || need_dw || need_pw || need_bn)) {
+    return {gx, gdw, gpw, gbw, gbb};
+  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "dil_conv_backward_cpu", [&] {
+    using T = scalar_t;
+    const T* gr = grad.const_data_ptr<T>();
+    const T* pp = p.const_data_ptr<T>();
+    const T* m = mean.const_data_ptr<T>();
+    const T* is = invstd.const_data_ptr<T>();
+    // BatchNorm: per channel sum(g) and sum(g * xhat), xhat = (p - mean) * invstd, by rows then over the batch.
+    std::vector<T> row_g(B * Co), row_gx(B * Co);
+    fastdarts::parallel_for(0, B * Co, row_grain(2 * N), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* gp = gr + r * N;
+        const T* xp = pp + r * N;
+        const T mu = m[r % Co];
+        row_g[r] = lane_sum<T>(N, [&](int64_t n) { return gp[n]; });
+        row_gx[r] = lane_sum<T>(N, [&](int64_t n) { return gp[n] * (xp[n] - mu); }) * is[r % Co];
+      }
+    });
+    std::vector<T> sum_g(Co, T(0)), sum_gxhat(Co, T(0));
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t o = 0; o < Co; ++o) {
+        sum_g[o] += row_g[b * Co + o];
+        sum_gxhat[o] += row_gx[b * Co + o];
+      }
+    }
+    if (need_bn && output_mask[3]) {
+      gbw = at::empty({Co}, acc_options);
+      std::copy(sum_gxhat.begin(), sum_gxhat.end(), gbw.mutable_data_ptr<T>());
+    }
+    if (need_bn && output_mask[4]) {
+      gbb = at::empty({Co}, acc_options);
+      std::copy(sum_g.begin(), sum_g.end(), gbb.mutable_data_ptr<T>());
+    }
+    if (!(need_x || need_dw || need_pw)) {
+      return;
+    }
+    // grad_p = w * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M) with batch statistics (M = B * N values
+    // per channel), w * invstd * g with running ones.
+    const at::Tensor bw = bn_weight ? bn_weight->to(acc).contiguous() : at::Tensor();
+    std::vector<T> a(Co), c(Co), k(Co);
+    const T M = static_cast<T>(B * N);
+    for (int64_t o = 0; o < Co; ++o) {
+      const T w = bn_weight ? bw.const_data_ptr<T>()[o] : T(1);
+      a[o] = w * is[o];
+      c[o] = training ? sum_g[o] / M : T(0);
+      k[o] = training ? sum_gxhat[o] / M * is[o] : T(0);  // times (p - mean) gives xhat * sum(g * xhat) / M
+    }
+    at::Tensor gp = at::empty({B, Co, g.Ho, g.Wo}, acc_options);
+    T* gpp = gp.mutable_data_ptr<T>();
+    fastdarts::parallel_for(0, B * Co, row_grain(N), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t o = r % Co;
+        const T ao = a[o], co = c[o], ko = k[o], mu = m[o];
+        for (int64_t n = 0; n < N; ++n) {
+          gpp[r * N + n] = ao * (gr[r * N + n] - co - (pp[r * N + n] - mu) * ko);
+        }
+      }
+    });
+    const at::Tensor pw = acc_contiguous(pw_weight).view({Co, Ci});
+    if (need_pw) {
+      gpw = at::empty({Co, Ci, 1, 1}, acc_options);
+      pointwise_grad_weight<T>(gpp, d.const_data_ptr<T>(), gpw.mutable_data_ptr<T>(), B, Ci, Co, N);
+    }
+    if (!(need_x || need_dw)) {
+      return;
+    }
+    const at::Tensor pw_t = pw.t().contiguous();  // [Ci, Co]: grad_d = pw^T grad_p
+    at::Tensor gd = at::empty({B, Ci, g.Ho, g.Wo}, acc_options);
+    pointwise<T>(pw_t.const_data_ptr<T>(), gpp, gd.mutable_data_ptr<T>(), B, Co, Ci, N);
+    const at::Tensor x = acc_contiguous(x_in);
+    const at::Tensor dw = acc_contiguous(dw_weight);
+    const int64_t kk = g.k * g.k;
+    if (need_x) {
+      gx = at::empty({B, Ci, g.H, g.W}, acc_options);
+    }
+    at::Tensor gw_planes = need_dw ? at::empty({B, Ci, kk}, acc_options) : at::Tensor();
+    depthwise::backward_kernel<T>(g, gd.const_data_ptr<T>(), x.const_data_ptr<T>(), dw.const_data_ptr<T>(),
+                                  need_x ? gx.mutable_data_ptr<T>() : nullptr,
+                                  need_dw ? gw_planes.mutable_data_ptr<T>() : nullptr, /*relu=*/true);
+    if (need_dw) {
+      gdw = at::zeros({Ci, 1, g.k, g.k}, acc_options);
+      const T* planes = gw_planes.const_data_ptr<T>();
+      T* gw = gdw.mutable_data_ptr<T>();
+      for (int64_t b = 0; b < B; ++b) {  // the batch sum in a fixed order
+        for (int64_t e = 0; e < Ci * kk; ++e) {
+          gw[e] += planes[b * Ci * kk + e];
+        }
+      }
+    }
+  });
+  const at::Tensor& bn_like = bn_weight ? *bn_weight : x_in;
+  return {gx.to(x_in.scalar_type()), gdw.to(dw_weight.scalar_type()), gpw.to(pw_weight.scalar_type()),
+          gbw.to(bn_like.scalar_type()), gbb.to(bn_like.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdarts_C, CPU, m) {
+  m.impl("dil_conv", &dil_conv_cpu);
+  m.impl("dil_conv_backward", &dil_conv_backward_cpu);
+}
+
+}  // namespace fastdarts
