@@ -148,9 +148,9 @@ def _search_steps(backend_name, steps, dtype, threads):
 @pytest.mark.slow
 def test_default_backend_follows_the_reference_path_for_20_steps():
     # In float64 the compiled kernels and the pure-PyTorch path compute the same search: after 20 iterations the
-    # alphas agree to 1e-10. (In float32, on the 5-cell C=8 `make search` network, both paths end ~5e-4 apart after
-    # 20 steps, but so does the reference path run with 1 thread against 2: Adam's sign-like first steps amplify rounding, so 20-step float32 alphas
-    # are reproducible only to that floor, whatever the kernels.)
+    # alphas agree to 1e-10. (In float32, on the 5-cell C=8 `make search` network, both paths end ~5e-4 apart
+    # after 20 steps, but so does the reference path run with 1 thread against 2: Adam's sign-like first steps
+    # amplify rounding, so 20-step float32 alphas are reproducible only to that floor, whatever the kernels.)
     start = _search_steps("reference", 0, torch.float64, 2)
     fast = _search_steps("auto", 20, torch.float64, 2)
     ref = _search_steps("reference", 20, torch.float64, 2)
