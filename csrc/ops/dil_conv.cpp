@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "ops/batch_norm.h"
 #include "ops/common.h"
 #include "ops/depthwise_conv.h"
 
@@ -27,37 +28,14 @@ namespace {
 
 using depthwise::Geometry;
 
+using bn::row_grain;
 using depthwise::kBlock;
 
-// sum_{n < len} f(n), in kBlock independent partial sums (so that it vectorises), added up in a fixed order.
-template <typename T, typename F>
-inline T lane_sum(int64_t len, F f) {
-  T lanes[kBlock] = {};
-  int64_t n = 0;
-  for (; n + kBlock <= len; n += kBlock) {
-    for (int64_t l = 0; l < kBlock; ++l) {
-      lanes[l] += f(n + l);
-    }
-  }
-  T tail = 0;
-  for (; n < len; ++n) {
-    tail += f(n);
-  }
-  return depthwise::sum_block(lanes) + tail;
-}
-
-// Rows per parallel task: about 16K multiply-adds each.
-inline int64_t row_grain(int64_t work_per_row) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work_per_row));
-}
-
 // out[b, o, :] = sum_i w[o, i] * in[b, i, :] for w [O, I], in [B, I, N], out [B, O, N] (the 1x1 convolution).
-// With row_mean / row_m2 [B, O], also each out row's mean and sum of squared deviations from it. The partial sums
-// stay in registers across i: blocks of kBlock pixels of one row when the rows are long, blocks of kBlock output
+// The partial sums stay in registers across i: blocks of kBlock pixels of one row when the rows are long, blocks of kBlock output
 // channels of one pixel when they are short (2x2 and 4x4 planes).
 template <typename T>
-void pointwise(const T* w, const T* in, T* out, int64_t B, int64_t I, int64_t O, int64_t N, T* row_mean = nullptr,
-               T* row_m2 = nullptr) {
+void pointwise(const T* w, const T* in, T* out, int64_t B, int64_t I, int64_t O, int64_t N) {
   if (N >= kBlock) {
     fastdarts::parallel_for(0, B * O, row_grain(I * N), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -116,16 +94,6 @@ void pointwise(const T* w, const T* in, T* out, int64_t B, int64_t I, int64_t O,
       }
     });
   }
-  if (row_mean) {
-    fastdarts::parallel_for(0, B * O, row_grain(2 * N), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const T* row = out + r * N;
-        const T mean = lane_sum<T>(N, [&](int64_t n) { return row[n]; }) / static_cast<T>(N);
-        row_mean[r] = mean;
-        row_m2[r] = lane_sum<T>(N, [&](int64_t n) { return (row[n] - mean) * (row[n] - mean); });
-      }
-    });
-  }
 }
 
 // gw[o, i] = sum_b sum_n g[b, o, n] * in[b, i, n]: per sample, in[b] is transposed to [N, I] so that each pixel
@@ -170,13 +138,6 @@ struct Unit {
   int64_t N() const { return g.Ho * g.Wo; }
 };
 
-void check_param(const char* op, const at::Tensor& t, const char* name, int64_t C, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, op, ": ", name, " has shape ", shape_str(t.sizes()),
-                    ", expected (", C, ",) for ", C, " output channels");
-  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", expected ", x.device(),
-                    " like x");
-}
-
 Unit check_unit(const char* op, const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
                 const std::optional<at::Tensor>& bn_weight, int64_t stride, int64_t padding, int64_t dilation) {
   Unit u{depthwise::check_inputs(op, x, dw_weight, stride, padding, dilation, "dw_weight"), 0};
@@ -191,7 +152,7 @@ Unit check_unit(const char* op, const at::Tensor& x, const at::Tensor& dw_weight
                     x.device(), " like x");
   u.Co = pw_weight.size(0);
   if (bn_weight) {
-    check_param(op, *bn_weight, "bn_weight", u.Co, x);
+    bn::check_channels(op, *bn_weight, "bn_weight", u.Co, x);
   }
   return u;
 }
@@ -213,13 +174,13 @@ Outputs dil_conv_cpu(const at::Tensor& x_in, const at::Tensor& dw_weight, const 
   TORCH_CHECK_VALUE(bn_weight.has_value() == bn_bias.has_value(), op,
                     ": bn_weight and bn_bias must be given together (BatchNorm affine) or both be None");
   if (bn_bias) {
-    check_param(op, *bn_bias, "bn_bias", u.Co, x_in);
+    bn::check_channels(op, *bn_bias, "bn_bias", u.Co, x_in);
   }
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
                     ": running_mean and running_var must be given together or both be None");
   if (running_mean) {
-    check_param(op, *running_mean, "running_mean", u.Co, x_in);
-    check_param(op, *running_var, "running_var", u.Co, x_in);
+    bn::check_channels(op, *running_mean, "running_mean", u.Co, x_in);
+    bn::check_channels(op, *running_var, "running_var", u.Co, x_in);
   }
   TORCH_CHECK_VALUE(training || running_mean, op,
                     ": training is False but running_mean and running_var are None: eval mode normalises with them");
@@ -236,10 +197,8 @@ Outputs dil_conv_cpu(const at::Tensor& x_in, const at::Tensor& dw_weight, const 
   at::Tensor d = at::empty({B, Ci, g.Ho, g.Wo}, acc_options);
   at::Tensor p = at::empty({B, Co, g.Ho, g.Wo}, acc_options);
   at::Tensor y = at::empty({B, Co, g.Ho, g.Wo}, acc_options);
-  at::Tensor mean = at::empty({Co}, acc_options);
-  at::Tensor invstd = at::empty({Co}, acc_options);
   const bool update = training && running_mean.has_value();
-  at::Tensor new_mean = at::empty({0}, acc_options), new_var = at::empty({0}, acc_options);
+  bn::Stats stats;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "dil_conv_cpu", [&] {
     using T = scalar_t;
@@ -247,73 +206,12 @@ Outputs dil_conv_cpu(const at::Tensor& x_in, const at::Tensor& dw_weight, const 
       depthwise::forward_kernel<T>(g, x.const_data_ptr<T>(), dw.const_data_ptr<T>(), d.mutable_data_ptr<T>(),
                                    /*relu=*/true);
     }
-    T* m = mean.mutable_data_ptr<T>();
-    T* is = invstd.mutable_data_ptr<T>();
-    if (training) {
-      std::vector<T> row_mean(B * Co), row_m2(B * Co);
-      pointwise<T>(pw.const_data_ptr<T>(), d.const_data_ptr<T>(), p.mutable_data_ptr<T>(), B, Ci, Co, N,
-                   row_mean.data(), row_m2.data());
-      // Chan et al.'s merge of equal-sized rows: mean of the means; M2 = sum of M2 + N * sum (mean_b - mean)^2.
-      std::vector<double> batch_mean(Co), batch_var_unbiased(Co);
-      for (int64_t o = 0; o < Co; ++o) {
-        double s = 0;
-        for (int64_t b = 0; b < B; ++b) {
-          s += row_mean[b * Co + o];
-        }
-        const double mu = s / B;
-        double m2 = 0;
-        for (int64_t b = 0; b < B; ++b) {
-          const double dev = row_mean[b * Co + o] - mu;
-          m2 += row_m2[b * Co + o] + N * dev * dev;
-        }
-        const double count = static_cast<double>(B * N);
-        m[o] = static_cast<T>(mu);
-        is[o] = static_cast<T>(1.0 / std::sqrt(m2 / count + eps));
-        batch_mean[o] = mu;
-        batch_var_unbiased[o] = m2 / (count - 1);
-      }
-      if (update) {  // running = (1 - momentum) * running + momentum * batch, the variance unbiased (as BatchNorm)
-        const at::Tensor rm = running_mean->to(at::kDouble).contiguous();
-        const at::Tensor rv = running_var->to(at::kDouble).contiguous();
-        at::Tensor nm = at::empty({Co}, rm.options()), nv = at::empty({Co}, rv.options());
-        for (int64_t o = 0; o < Co; ++o) {
-          nm.mutable_data_ptr<double>()[o] = (1 - momentum) * rm.const_data_ptr<double>()[o] + momentum * batch_mean[o];
-          nv.mutable_data_ptr<double>()[o] =
-              (1 - momentum) * rv.const_data_ptr<double>()[o] + momentum * batch_var_unbiased[o];
-        }
-        new_mean = nm.to(running_mean->scalar_type());
-        new_var = nv.to(running_var->scalar_type());
-      }
-    } else {
-      pointwise<T>(pw.const_data_ptr<T>(), d.const_data_ptr<T>(), p.mutable_data_ptr<T>(), B, Ci, Co, N);
-      const at::Tensor rm = running_mean->to(acc).contiguous();
-      const at::Tensor rv = running_var->to(acc).contiguous();
-      for (int64_t o = 0; o < Co; ++o) {
-        m[o] = rm.const_data_ptr<T>()[o];
-        is[o] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(rv.const_data_ptr<T>()[o]) + eps));
-      }
-    }
-    // y = p * scale + shift per channel
-    std::vector<T> scale(Co), shift(Co);
-    const at::Tensor bw = bn_weight ? bn_weight->to(acc).contiguous() : at::Tensor();
-    const at::Tensor bb = bn_bias ? bn_bias->to(acc).contiguous() : at::Tensor();
-    for (int64_t o = 0; o < Co; ++o) {
-      const T w = bn_weight ? bw.const_data_ptr<T>()[o] : T(1);
-      scale[o] = is[o] * w;
-      shift[o] = (bn_bias ? bb.const_data_ptr<T>()[o] : T(0)) - m[o] * scale[o];
-    }
-    const T* pp = p.const_data_ptr<T>();
-    T* yp = y.mutable_data_ptr<T>();
-    fastdarts::parallel_for(0, B * Co, row_grain(N), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const T a = scale[r % Co], c = shift[r % Co];
-        for (int64_t n = 0; n < N; ++n) {
-          yp[r * N + n] = pp[r * N + n] * a + c;
-        }
-      }
-    });
+    pointwise<T>(pw.const_data_ptr<T>(), d.const_data_ptr<T>(), p.mutable_data_ptr<T>(), B, Ci, Co, N);
+    stats = bn::forward<T>(p.const_data_ptr<T>(), y.mutable_data_ptr<T>(), B, Co, N, bn_weight, bn_bias,
+                           update || !training ? running_mean : std::nullopt,
+                           update || !training ? running_var : std::nullopt, training, momentum, eps, acc_options);
   });
-  return {y.to(x_in.scalar_type()), d, p, mean, invstd, new_mean, new_var};
+  return {y.to(x_in.scalar_type()), d, p, stats.mean, stats.invstd, stats.new_mean, stats.new_var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dil_conv_backward_cpu(
@@ -362,57 +260,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dil_conv_
     const T* pp = p.const_data_ptr<T>();
     const T* m = mean.const_data_ptr<T>();
     const T* is = invstd.const_data_ptr<T>();
-    // BatchNorm: per channel sum(g) and sum(g * xhat), xhat = (p - mean) * invstd, by rows then over the batch.
-    std::vector<T> row_g(B * Co), row_gx(B * Co);
-    fastdarts::parallel_for(0, B * Co, row_grain(2 * N), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const T* gp = gr + r * N;
-        const T* xp = pp + r * N;
-        const T mu = m[r % Co];
-        row_g[r] = lane_sum<T>(N, [&](int64_t n) { return gp[n]; });
-        row_gx[r] = lane_sum<T>(N, [&](int64_t n) { return gp[n] * (xp[n] - mu); }) * is[r % Co];
-      }
-    });
-    std::vector<T> sum_g(Co, T(0)), sum_gxhat(Co, T(0));
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t o = 0; o < Co; ++o) {
-        sum_g[o] += row_g[b * Co + o];
-        sum_gxhat[o] += row_gx[b * Co + o];
-      }
-    }
     if (need_bn && output_mask[3]) {
       gbw = at::empty({Co}, acc_options);
-      std::copy(sum_gxhat.begin(), sum_gxhat.end(), gbw.mutable_data_ptr<T>());
     }
     if (need_bn && output_mask[4]) {
       gbb = at::empty({Co}, acc_options);
-      std::copy(sum_g.begin(), sum_g.end(), gbb.mutable_data_ptr<T>());
     }
-    if (!(need_x || need_dw || need_pw)) {
+    const bool need_gp = need_x || need_dw || need_pw;
+    at::Tensor gp = need_gp ? at::empty({B, Co, g.Ho, g.Wo}, acc_options) : at::Tensor();
+    T* gpp = need_gp ? gp.mutable_data_ptr<T>() : nullptr;
+    bn::backward<T>(gr, pp, m, is, bn_weight, B, Co, N, training, gpp, gbw.numel() ? gbw.mutable_data_ptr<T>() : nullptr,
+                    gbb.numel() ? gbb.mutable_data_ptr<T>() : nullptr);
+    if (!need_gp) {
       return;
     }
-    // grad_p = w * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M) with batch statistics (M = B * N values
-    // per channel), w * invstd * g with running ones.
-    const at::Tensor bw = bn_weight ? bn_weight->to(acc).contiguous() : at::Tensor();
-    std::vector<T> a(Co), c(Co), k(Co);
-    const T M = static_cast<T>(B * N);
-    for (int64_t o = 0; o < Co; ++o) {
-      const T w = bn_weight ? bw.const_data_ptr<T>()[o] : T(1);
-      a[o] = w * is[o];
-      c[o] = training ? sum_g[o] / M : T(0);
-      k[o] = training ? sum_gxhat[o] / M * is[o] : T(0);  // times (p - mean) gives xhat * sum(g * xhat) / M
-    }
-    at::Tensor gp = at::empty({B, Co, g.Ho, g.Wo}, acc_options);
-    T* gpp = gp.mutable_data_ptr<T>();
-    fastdarts::parallel_for(0, B * Co, row_grain(N), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t o = r % Co;
-        const T ao = a[o], co = c[o], ko = k[o], mu = m[o];
-        for (int64_t n = 0; n < N; ++n) {
-          gpp[r * N + n] = ao * (gr[r * N + n] - co - (pp[r * N + n] - mu) * ko);
-        }
-      }
-    });
     const at::Tensor pw = acc_contiguous(pw_weight).view({Co, Ci});
     if (need_pw) {
       gpw = at::empty({Co, Ci, 1, 1}, acc_options);

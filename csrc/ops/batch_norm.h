@@ -1,0 +1,188 @@
+// The BatchNorm passes of the fused candidate ops (csrc/ops/dil_conv.cpp, csrc/ops/pool_bn.cpp) over a
+// contiguous [B, C, N] tensor p in the accumulation type T: forward y = (p - mean) * invstd * weight + bias with
+// the batch statistics (training) or the running ones, and its backward. As F.batch_norm: the running statistics
+// move by momentum towards the batch mean and the unbiased batch variance. Every reduction is summed per row
+// (b, c), then over the batch in a fixed order: bitwise the same for any thread count.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "ops/common.h"
+#include "ops/depthwise_conv.h"
+
+namespace fastdarts {
+namespace bn {
+
+using depthwise::kBlock;
+
+// sum_{n < len} f(n), in kBlock independent partial sums (so that it vectorises), added up in a fixed order.
+template <typename T, typename F>
+inline T lane_sum(int64_t len, F f) {
+  T lanes[kBlock] = {};
+  int64_t n = 0;
+  for (; n + kBlock <= len; n += kBlock) {
+    for (int64_t l = 0; l < kBlock; ++l) {
+      lanes[l] += f(n + l);
+    }
+  }
+  T tail = 0;
+  for (; n < len; ++n) {
+    tail += f(n);
+  }
+  return depthwise::sum_block(lanes) + tail;
+}
+
+// Rows per parallel task: about 16K multiply-adds each.
+inline int64_t row_grain(int64_t work_per_row) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work_per_row));
+}
+
+// Checks an optional [C] parameter or statistic.
+inline void check_channels(const char* op, const at::Tensor& t, const char* name, int64_t C, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, op, ": ", name, " has shape ", shape_str(t.sizes()),
+                    ", expected (", C, ",) for ", C, " output channels");
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", expected ", x.device(),
+                    " like x");
+}
+
+// What the forward produces besides y: mean and invstd [C] (kept for the backward) and, when training with
+// running statistics, their new values (empty otherwise).
+struct Stats {
+  at::Tensor mean, invstd, new_mean, new_var;
+};
+
+// y = BatchNorm(p) for p, y: [B, C, N] contiguous in T (acc_options' dtype).
+template <typename T>
+Stats forward(const T* p, T* y, int64_t B, int64_t C, int64_t N, const std::optional<at::Tensor>& weight,
+              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+              const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+              const at::TensorOptions& acc_options) {
+  Stats s{at::empty({C}, acc_options), at::empty({C}, acc_options), at::empty({0}, acc_options),
+          at::empty({0}, acc_options)};
+  T* m = s.mean.mutable_data_ptr<T>();
+  T* is = s.invstd.mutable_data_ptr<T>();
+  if (training) {
+    std::vector<T> row_mean(B * C), row_m2(B * C);
+    fastdarts::parallel_for(0, B * C, row_grain(2 * N), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* row = p + r * N;
+        const T mu = lane_sum<T>(N, [&](int64_t n) { return row[n]; }) / static_cast<T>(N);
+        row_mean[r] = mu;
+        row_m2[r] = lane_sum<T>(N, [&](int64_t n) { return (row[n] - mu) * (row[n] - mu); });
+      }
+    });
+    // Chan et al.'s merge of equal-sized rows: mean of the means; M2 = sum of M2 + N * sum (mean_b - mean)^2.
+    std::vector<double> batch_mean(C), batch_var_unbiased(C);
+    const double count = static_cast<double>(B * N);
+    for (int64_t c = 0; c < C; ++c) {
+      double sum = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        sum += row_mean[b * C + c];
+      }
+      const double mu = sum / B;
+      double m2 = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        const double dev = row_mean[b * C + c] - mu;
+        m2 += row_m2[b * C + c] + N * dev * dev;
+      }
+      m[c] = static_cast<T>(mu);
+      is[c] = static_cast<T>(1.0 / std::sqrt(m2 / count + eps));
+      batch_mean[c] = mu;
+      batch_var_unbiased[c] = m2 / (count - 1);
+    }
+    if (running_mean) {
+      const at::Tensor rm = running_mean->to(at::kDouble).contiguous();
+      const at::Tensor rv = running_var->to(at::kDouble).contiguous();
+      at::Tensor nm = at::empty({C}, rm.options()), nv = at::empty({C}, rv.options());
+      for (int64_t c = 0; c < C; ++c) {
+        nm.mutable_data_ptr<double>()[c] = (1 - momentum) * rm.const_data_ptr<double>()[c] + momentum * batch_mean[c];
+        nv.mutable_data_ptr<double>()[c] =
+            (1 - momentum) * rv.const_data_ptr<double>()[c] + momentum * batch_var_unbiased[c];
+      }
+      s.new_mean = nm.to(running_mean->scalar_type());
+      s.new_var = nv.to(running_var->scalar_type());
+    }
+  } else {
+    const at::Tensor rm = running_mean->to(acc_options.dtype()).contiguous();
+    const at::Tensor rv = running_var->to(acc_options.dtype()).contiguous();
+    for (int64_t c = 0; c < C; ++c) {
+      m[c] = rm.const_data_ptr<T>()[c];
+      is[c] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(rv.const_data_ptr<T>()[c]) + eps));
+    }
+  }
+  std::vector<T> scale(C), shift(C);  // y = p * scale + shift per channel
+  const at::Tensor w = weight ? weight->to(acc_options.dtype()).contiguous() : at::Tensor();
+  const at::Tensor b = bias ? bias->to(acc_options.dtype()).contiguous() : at::Tensor();
+  for (int64_t c = 0; c < C; ++c) {
+    scale[c] = is[c] * (weight ? w.const_data_ptr<T>()[c] : T(1));
+    shift[c] = (bias ? b.const_data_ptr<T>()[c] : T(0)) - m[c] * scale[c];
+  }
+  fastdarts::parallel_for(0, B * C, row_grain(N), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T a = scale[r % C], c = shift[r % C];
+      for (int64_t n = 0; n < N; ++n) {
+        y[r * N + n] = p[r * N + n] * a + c;
+      }
+    }
+  });
+  return s;
+}
+
+// The backward of forward() at gradient g [B, C, N]: grad_p (when gp is not null) = weight * invstd * (g -
+// sum(g) / M - xhat * sum(g * xhat) / M) with batch statistics (M = B * N), weight * invstd * g with running ones;
+// grad_weight = sum(g * xhat) and grad_bias = sum(g) (when not null), xhat = (p - mean) * invstd.
+template <typename T>
+void backward(const T* g, const T* p, const T* m, const T* is, const std::optional<at::Tensor>& weight, int64_t B,
+              int64_t C, int64_t N, bool training, T* gp, T* grad_weight, T* grad_bias) {
+  std::vector<T> row_g(B * C), row_gx(B * C);
+  fastdarts::parallel_for(0, B * C, row_grain(2 * N), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gr = g + r * N;
+      const T* pr = p + r * N;
+      const T mu = m[r % C];
+      row_g[r] = lane_sum<T>(N, [&](int64_t n) { return gr[n]; });
+      row_gx[r] = lane_sum<T>(N, [&](int64_t n) { return gr[n] * (pr[n] - mu); }) * is[r % C];
+    }
+  });
+  std::vector<T> sum_g(C, T(0)), sum_gxhat(C, T(0));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t c = 0; c < C; ++c) {
+      sum_g[c] += row_g[b * C + c];
+      sum_gxhat[c] += row_gx[b * C + c];
+    }
+  }
+  if (grad_weight) {
+    std::copy(sum_gxhat.begin(), sum_gxhat.end(), grad_weight);
+  }
+  if (grad_bias) {
+    std::copy(sum_g.begin(), sum_g.end(), grad_bias);
+  }
+  if (!gp) {
+    return;
+  }
+  const at::Tensor w = weight ? weight->to(c10::CppTypeToScalarType<T>::value).contiguous() : at::Tensor();
+  std::vector<T> a(C), c0(C), k(C);
+  const T M = static_cast<T>(B * N);
+  for (int64_t c = 0; c < C; ++c) {
+    a[c] = (weight ? w.const_data_ptr<T>()[c] : T(1)) * is[c];
+    c0[c] = training ? sum_g[c] / M : T(0);
+    k[c] = training ? sum_gxhat[c] / M * is[c] : T(0);  // times (p - mean) gives xhat * sum(g * xhat) / M
+  }
+  fastdarts::parallel_for(0, B * C, row_grain(N), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t c = r % C;
+      const T ac = a[c], cc = c0[c], kc = k[c], mu = m[c];
+      for (int64_t n = 0; n < N; ++n) {
+        gp[r * N + n] = ac * (g[r * N + n] - cc - (p[r * N + n] - mu) * kc);
+      }
+    }
+  });
+}
+
+}  // namespace bn
+}  // namespace fastdarts
