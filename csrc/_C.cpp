@@ -39,4 +39,12 @@ TORCH_LIBRARY(fastdarts_C, m) {
   m.def("dil_conv_backward(Tensor grad, Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? bn_weight, "
         "Tensor d, Tensor p, Tensor mean, Tensor invstd, int stride, int padding, int dilation, bool training, "
         "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // DARTS' pooling candidate: 3x3 max or average pool (padding 1, average over the pixels inside) -> BatchNorm
+  // without affine: (y, p, taps, mean, invstd, new_running_mean, new_running_var) with p the pool output (fp32 or
+  // fp64), taps the winning tap 0..8 of each max-pool output (int32; empty for the average)
+  m.def("pool_bn(Tensor x, Tensor? running_mean, Tensor? running_var, bool is_max, int stride, bool training, "
+        "float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // grad_x
+  m.def("pool_bn_backward(Tensor grad, Tensor x, Tensor p, Tensor taps, Tensor mean, Tensor invstd, bool is_max, "
+        "int stride, bool training) -> Tensor");
 }

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fastdarts.nn.operations import OPS, FactorizedReduce, ReLUConvBN
+from fastdarts.nn.operations import OPS, FactorizedReduce, PoolBN, ReLUConvBN
 from fastdarts.ops import mixed_op
 
 
@@ -32,7 +32,7 @@ class MixedOp(nn.Module):
         for name in primitives:
             op = OPS[name](C, stride, affine)
             if "pool" in name:
-                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+                op = PoolBN(op, nn.BatchNorm2d(C, affine=False))
             self._ops.append(op)
         self._live = [k for k, name in enumerate(primitives) if name != "none"]
 

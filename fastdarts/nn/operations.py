@@ -43,19 +43,11 @@ class DepthwiseConv2d(nn.Conv2d):
 
 
 def _dil_conv_unit(x: Tensor, dw: DepthwiseConv2d, pw: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
-    """ReLU -> dw -> pw -> bn as one :func:`fastdarts.ops.dil_conv` call, with the running-statistics semantics of
-    ``nn.BatchNorm2d.forward`` (num_batches_tracked, momentum None as a cumulative average, eval mode)."""
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    batch_stats = bn.training or bn.running_mean is None
-    track = not bn.training or bn.track_running_stats
+    """ReLU -> dw -> pw -> bn as one :func:`fastdarts.ops.dil_conv` call, with ``bn``'s module semantics."""
+    running_mean, running_var, training, momentum = _bn_call(bn)
     return ops.dil_conv(
-        x, dw.weight, pw.weight, bn.weight, bn.bias, bn.running_mean if track else None,
-        bn.running_var if track else None, dw.stride[0], dw.padding[0], dw.dilation[0], batch_stats, momentum,
-        bn.eps,
+        x, dw.weight, pw.weight, bn.weight, bn.bias, running_mean, running_var, dw.stride[0], dw.padding[0],
+        dw.dilation[0], training, momentum, bn.eps,
     )  # fmt: skip
 
 
@@ -109,6 +101,47 @@ class SepConv(nn.Module):
         if type(self.op[0]) is not nn.ReLU or type(self.op[4]) is not nn.ReLU:  # a swapped-in activation
             return self.op(x)
         return _dil_conv_unit(_dil_conv_unit(x, *self.op[1:4]), *self.op[5:8])
+
+
+def _bn_call(bn: nn.BatchNorm2d) -> tuple:
+    """(running_mean, running_var, training, momentum) for a functional BatchNorm call on behalf of ``bn``, with
+    the semantics of ``nn.BatchNorm2d.forward`` (num_batches_tracked, momentum None as a cumulative average)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    track = not bn.training or bn.track_running_stats
+    batch_stats = bn.training or bn.running_mean is None
+    return (bn.running_mean if track else None, bn.running_var if track else None, batch_stats, momentum)
+
+
+class PoolBN(nn.Sequential):
+    """A DARTS pooling candidate: ``nn.Sequential(pool, nn.BatchNorm2d(C, affine=False))`` (so its state_dict keys are
+    ``0.*`` / ``1.*`` as in DARTS' MixedOp), computed by one :func:`fastdarts.ops.pool_bn` call when it has DARTS'
+    shape (3x3, padding 1, average without the padding, BatchNorm without affine)."""
+
+    def __init__(self, pool: nn.Module, bn: nn.BatchNorm2d):
+        super().__init__(pool, bn)
+
+    def _kind(self) -> str | None:
+        pool, bn = self[0], self[1]
+        if bn.affine or pool.kernel_size not in (3, (3, 3)) or pool.padding not in (1, (1, 1)):
+            return None
+        if type(pool) is nn.MaxPool2d and pool.dilation in (1, (1, 1)) and not pool.ceil_mode:
+            return "max"
+        if type(pool) is nn.AvgPool2d and not pool.count_include_pad and not pool.ceil_mode:
+            return "avg" if pool.divisor_override is None else None
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        kind = self._kind()
+        stride = self[0].stride if isinstance(self[0].stride, int) else self[0].stride[0]
+        if kind is None or stride not in (1, 2):
+            return super().forward(x)
+        bn = self[1]
+        running_mean, running_var, training, momentum = _bn_call(bn)
+        return ops.pool_bn(x, kind, stride, running_mean, running_var, training, momentum, bn.eps)
 
 
 class Identity(nn.Module):

@@ -1,0 +1,247 @@
+// CPU kernels of pool_bn, DARTS' pooling candidates: a 3x3 max or average pool (padding 1, stride 1 or 2; the
+// average counts only the pixels inside the image) followed by a BatchNorm without affine, in one call each way.
+// At DARTS' sizes ATen's max pool is a scalar loop (2.4 ms for a 16x16x32x32 CIFAR cell state on this project's
+// CPU) and each step of the eager chain pays its own set-up. Here each plane is copied once into a padded buffer
+// (-inf or 0 around it), so that every one of the 9 taps is a branch-free loop along an output row; the max pool
+// records which tap won (the first maximum in row-major tap order, NaN winning, as ATen), so that its backward is a
+// scatter. Computed in at::opmath_type; the BatchNorm passes are those of csrc/ops/batch_norm.h.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <array>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "ops/batch_norm.h"
+#include "ops/common.h"
+
+namespace fastdarts {
+namespace {
+
+struct PoolGeometry {
+  int64_t B, C, H, W, stride, Ho, Wo;
+  int64_t Hp() const { return H + 2; }  // the padded plane
+  int64_t Wp() const { return W + 2; }
+  int64_t N() const { return Ho * Wo; }
+};
+
+// Taps of the window of output o (row or column) that fall inside [0, size): [lo, hi) in 0..3.
+inline std::pair<int64_t, int64_t> valid_taps(int64_t o, int64_t stride, int64_t size) {
+  const int64_t first = o * stride - 1;
+  return {first < 0 ? -first : 0, std::min<int64_t>(3, size - first)};
+}
+
+PoolGeometry check_pool(const char* op, const at::Tensor& x, int64_t stride) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x has shape ", shape_str(x.sizes()), ", expected 4 dims [B, C, H, W]");
+  TORCH_CHECK(x.device().is_cpu(), op, ": x is on ", x.device(), ", this kernel runs on cpu");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                       x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                   op, ": x has dtype ", dtype_str(x.scalar_type()),
+                   ", expected one of float32, float64, float16, bfloat16");
+  TORCH_CHECK_VALUE(stride == 1 || stride == 2, op, ": stride is ", stride, ", expected 1 or 2");
+  TORCH_CHECK_VALUE(x.size(2) >= 1 && x.size(3) >= 1, op, ": x has shape ", shape_str(x.sizes()),
+                    ", expected H and W >= 1");
+  const int64_t H = x.size(2), W = x.size(3);
+  return {x.size(0), x.size(1), H, W, stride, (H - 1) / stride + 1, (W - 1) / stride + 1};
+}
+
+// p = pool(x) for the planes [begin, end); with is_max, also the winning tap (0..8) of each output in taps.
+template <typename T>
+void pool_planes(const PoolGeometry& g, bool is_max, const T* x, T* p, int32_t* taps, int64_t begin, int64_t end) {
+  const int64_t Hp = g.Hp(), Wp = g.Wp(), s = g.stride;
+  const T pad = is_max ? -std::numeric_limits<T>::infinity() : T(0);
+  std::vector<T> plane(Hp * Wp), acc(g.Wo), col_count(g.Wo);
+  std::vector<int32_t> win(g.Wo), col_first(g.Wo);
+  for (int64_t ow = 0; ow < g.Wo; ++ow) {
+    const auto [lo, hi] = valid_taps(ow, s, g.W);
+    col_count[ow] = static_cast<T>(hi - lo);
+    col_first[ow] = static_cast<int32_t>(lo);
+  }
+  for (int64_t pl = begin; pl < end; ++pl) {
+    std::fill(plane.begin(), plane.end(), pad);
+    const T* xp = x + pl * g.H * g.W;
+    for (int64_t h = 0; h < g.H; ++h) {
+      std::copy_n(xp + h * g.W, g.W, plane.data() + (h + 1) * Wp + 1);
+    }
+    T* pp = p + pl * g.N();
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      const auto [row_lo, row_hi] = valid_taps(oh, s, g.H);
+      T* __restrict__ a = acc.data();
+      int32_t* __restrict__ w = win.data();
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        a[ow] = pad;
+        w[ow] = static_cast<int32_t>(row_lo * 3) + col_first[ow];  // ATen's index when nothing beats -inf
+      }
+      for (int64_t i = 0; i < 3; ++i) {
+        const T* row = plane.data() + (oh * s + i) * Wp;
+        for (int64_t j = 0; j < 3; ++j) {
+          const T* __restrict__ src = row + j;
+          if (is_max) {
+            const int32_t t = static_cast<int32_t>(i * 3 + j);
+            for (int64_t ow = 0; ow < g.Wo; ++ow) {
+              const T v = src[ow * s];
+              const bool take = v > a[ow] || v != v;
+              a[ow] = take ? v : a[ow];
+              w[ow] = take ? t : w[ow];
+            }
+          } else {
+            for (int64_t ow = 0; ow < g.Wo; ++ow) {
+              a[ow] += src[ow * s];
+            }
+          }
+        }
+      }
+      if (is_max) {
+        std::copy_n(a, g.Wo, pp + oh * g.Wo);
+        std::copy_n(w, g.Wo, taps + pl * g.N() + oh * g.Wo);
+      } else {
+        const T rows = static_cast<T>(row_hi - row_lo);
+        for (int64_t ow = 0; ow < g.Wo; ++ow) {
+          pp[oh * g.Wo + ow] = a[ow] / (rows * col_count[ow]);
+        }
+      }
+    }
+  }
+}
+
+// grad_x of the pool for the planes [begin, end), from grad_p.
+template <typename T>
+void pool_backward_planes(const PoolGeometry& g, bool is_max, const T* gp, const int32_t* taps, T* gx,
+                          int64_t begin, int64_t end) {
+  const int64_t Hp = g.Hp(), Wp = g.Wp(), s = g.stride;
+  std::vector<T> plane(Hp * Wp), scaled(g.Wo), col_count(g.Wo);
+  for (int64_t ow = 0; ow < g.Wo; ++ow) {
+    const auto [lo, hi] = valid_taps(ow, s, g.W);
+    col_count[ow] = static_cast<T>(hi - lo);
+  }
+  for (int64_t pl = begin; pl < end; ++pl) {
+    std::fill(plane.begin(), plane.end(), T(0));
+    const T* gr = gp + pl * g.N();
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      if (is_max) {
+        const int32_t* t = taps + pl * g.N() + oh * g.Wo;
+        for (int64_t ow = 0; ow < g.Wo; ++ow) {
+          plane[(oh * s + t[ow] / 3) * Wp + ow * s + t[ow] % 3] += gr[oh * g.Wo + ow];
+        }
+      } else {
+        const auto [row_lo, row_hi] = valid_taps(oh, s, g.H);
+        const T rows = static_cast<T>(row_hi - row_lo);
+        for (int64_t ow = 0; ow < g.Wo; ++ow) {
+          scaled[ow] = gr[oh * g.Wo + ow] / (rows * col_count[ow]);
+        }
+        for (int64_t i = 0; i < 3; ++i) {
+          for (int64_t j = 0; j < 3; ++j) {
+            T* __restrict__ dst = plane.data() + (oh * s + i) * Wp + j;
+            for (int64_t ow = 0; ow < g.Wo; ++ow) {
+              dst[ow * s] += scaled[ow];  // the padding ring collects what falls outside and is dropped
+            }
+          }
+        }
+      }
+    }
+    T* gxp = gx + pl * g.H * g.W;
+    for (int64_t h = 0; h < g.H; ++h) {
+      std::copy_n(plane.data() + (h + 1) * Wp + 1, g.W, gxp + h * g.W);
+    }
+  }
+}
+
+inline int64_t plane_grain(const PoolGeometry& g) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 9 * g.N()));
+}
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Outputs pool_bn_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& running_mean,
+                    const std::optional<at::Tensor>& running_var, bool is_max, int64_t stride, bool training,
+                    double momentum, double eps) {
+  const char* op = "pool_bn";
+  const PoolGeometry g = check_pool(op, x_in, stride);
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
+                    ": running_mean and running_var must be given together or both be None");
+  if (running_mean) {
+    bn::check_channels(op, *running_mean, "running_mean", g.C, x_in);
+    bn::check_channels(op, *running_var, "running_var", g.C, x_in);
+  }
+  TORCH_CHECK_VALUE(training || running_mean, op,
+                    ": training is False but running_mean and running_var are None: eval mode normalises with them");
+  TORCH_CHECK_VALUE(!training || g.B * g.N() > 1, op, ": the BatchNorm input has shape (", g.B, ", ", g.C, ", ",
+                    g.Ho, ", ", g.Wo, "), expected more than one value per channel to compute batch statistics");
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps is ", eps, ", expected > 0");
+  const at::ScalarType acc = at::toOpMathType(x_in.scalar_type());
+  const at::TensorOptions acc_options = x_in.options().dtype(acc);
+  const at::Tensor x = x_in.to(acc).contiguous();
+  at::Tensor p = at::empty({g.B, g.C, g.Ho, g.Wo}, acc_options);
+  at::Tensor y = at::empty({g.B, g.C, g.Ho, g.Wo}, acc_options);
+  at::Tensor taps = at::empty({is_max ? g.B : 0, g.C, g.Ho, g.Wo}, x_in.options().dtype(at::kInt));
+  bn::Stats stats;
+  AT_DISPATCH_FLOATING_TYPES(acc, "pool_bn_cpu", [&] {
+    using T = scalar_t;
+    const T* xp = x.const_data_ptr<T>();
+    T* pp = p.mutable_data_ptr<T>();
+    int32_t* tp = is_max ? taps.mutable_data_ptr<int32_t>() : nullptr;
+    fastdarts::parallel_for(0, g.B * g.C, plane_grain(g), [&](int64_t begin, int64_t end) {
+      pool_planes<T>(g, is_max, xp, pp, tp, begin, end);
+    });
+    const bool with_stats = running_mean.has_value();
+    stats = bn::forward<T>(pp, y.mutable_data_ptr<T>(), g.B, g.C, g.N(), std::nullopt, std::nullopt,
+                           with_stats ? running_mean : std::nullopt, with_stats ? running_var : std::nullopt,
+                           training, momentum, eps, acc_options);
+  });
+  return {y.to(x_in.scalar_type()), p, taps, stats.mean, stats.invstd, stats.new_mean, stats.new_var};
+}
+
+at::Tensor pool_bn_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& p_in,
+                                const at::Tensor& taps_in, const at::Tensor& mean_in, const at::Tensor& invstd_in,
+                                bool is_max, int64_t stride, bool training) {
+  const char* op = "pool_bn_backward";
+  const PoolGeometry g = check_pool(op, x_in, stride);
+  const at::ScalarType acc = at::toOpMathType(x_in.scalar_type());
+  const std::array<int64_t, 4> out_shape{g.B, g.C, g.Ho, g.Wo};
+  auto check = [&](const at::Tensor& t, const char* name, c10::IntArrayRef shape, at::ScalarType dtype) {
+    TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " has shape ", shape_str(t.sizes()), ", expected ",
+                      shape_str(shape));
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " has dtype ", dtype_str(t.scalar_type()),
+                     ", expected ", dtype_str(dtype));
+    TORCH_CHECK_VALUE(t.device() == x_in.device(), op, ": ", name, " is on ", t.device(), ", expected ",
+                      x_in.device(), " like x");
+  };
+  check(grad_in, "grad", out_shape, x_in.scalar_type());
+  check(p_in, "p", out_shape, acc);
+  if (is_max) {
+    check(taps_in, "taps", out_shape, at::kInt);
+  }
+  check(mean_in, "mean", {g.C}, acc);
+  check(invstd_in, "invstd", {g.C}, acc);
+  const at::TensorOptions acc_options = x_in.options().dtype(acc);
+  const at::Tensor grad = grad_in.to(acc).contiguous(), p = p_in.contiguous(), taps = taps_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
+  at::Tensor gx = at::empty({g.B, g.C, g.H, g.W}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES(acc, "pool_bn_backward_cpu", [&] {
+    using T = scalar_t;
+    at::Tensor gp = at::empty({g.B, g.C, g.Ho, g.Wo}, acc_options);
+    bn::backward<T>(grad.const_data_ptr<T>(), p.const_data_ptr<T>(), mean.const_data_ptr<T>(),
+                    invstd.const_data_ptr<T>(), std::nullopt, g.B, g.C, g.N(), training, gp.mutable_data_ptr<T>(),
+                    nullptr, nullptr);
+    const T* gpp = gp.const_data_ptr<T>();
+    const int32_t* tp = is_max ? taps.const_data_ptr<int32_t>() : nullptr;
+    T* gxp = gx.mutable_data_ptr<T>();
+    fastdarts::parallel_for(0, g.B * g.C, plane_grain(g), [&](int64_t begin, int64_t end) {
+      pool_backward_planes<T>(g, is_max, gpp, tp, gxp, begin, end);
+    });
+  });
+  return gx.to(x_in.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdarts_C, CPU, m) {
+  m.impl("pool_bn", &pool_bn_cpu);
+  m.impl("pool_bn_backward", &pool_bn_backward_cpu);
+}
+
+}  // namespace fastdarts
