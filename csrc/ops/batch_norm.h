@@ -5,6 +5,7 @@
 // (b, c), then over the batch in a fixed order: bitwise the same for any thread count.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
@@ -96,28 +97,38 @@ Stats forward(const T* p, T* y, int64_t B, int64_t C, int64_t N, const std::opti
       batch_var_unbiased[c] = m2 / (count - 1);
     }
     if (running_mean) {
-      const at::Tensor rm = running_mean->to(at::kDouble).contiguous();
-      const at::Tensor rv = running_var->to(at::kDouble).contiguous();
-      at::Tensor nm = at::empty({C}, rm.options()), nv = at::empty({C}, rv.options());
-      for (int64_t c = 0; c < C; ++c) {
-        nm.mutable_data_ptr<double>()[c] = (1 - momentum) * rm.const_data_ptr<double>()[c] + momentum * batch_mean[c];
-        nv.mutable_data_ptr<double>()[c] =
-            (1 - momentum) * rv.const_data_ptr<double>()[c] + momentum * batch_var_unbiased[c];
-      }
-      s.new_mean = nm.to(running_mean->scalar_type());
-      s.new_var = nv.to(running_var->scalar_type());
+      s.new_mean = at::empty({C}, running_mean->options());
+      s.new_var = at::empty({C}, running_var->options());
+      const at::Tensor rm = running_mean->contiguous(), rv = running_var->contiguous();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rm.scalar_type(), "batch_norm_running", [&] {
+        const scalar_t* old_mean = rm.const_data_ptr<scalar_t>();
+        scalar_t* new_mean = s.new_mean.mutable_data_ptr<scalar_t>();
+        for (int64_t c = 0; c < C; ++c) {
+          new_mean[c] = static_cast<scalar_t>((1 - momentum) * static_cast<double>(old_mean[c]) +
+                                              momentum * batch_mean[c]);
+        }
+      });
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rv.scalar_type(), "batch_norm_running", [&] {
+        const scalar_t* old_var = rv.const_data_ptr<scalar_t>();
+        scalar_t* new_var = s.new_var.mutable_data_ptr<scalar_t>();
+        for (int64_t c = 0; c < C; ++c) {
+          new_var[c] = static_cast<scalar_t>((1 - momentum) * static_cast<double>(old_var[c]) +
+                                             momentum * batch_var_unbiased[c]);
+        }
+      });
     }
   } else {
-    const at::Tensor rm = running_mean->to(acc_options.dtype()).contiguous();
-    const at::Tensor rv = running_var->to(acc_options.dtype()).contiguous();
+    const at::Tensor rm = as_contiguous(*running_mean, acc_options.dtype().toScalarType());
+    const at::Tensor rv = as_contiguous(*running_var, acc_options.dtype().toScalarType());
     for (int64_t c = 0; c < C; ++c) {
       m[c] = rm.const_data_ptr<T>()[c];
       is[c] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(rv.const_data_ptr<T>()[c]) + eps));
     }
   }
   std::vector<T> scale(C), shift(C);  // y = p * scale + shift per channel
-  const at::Tensor w = weight ? weight->to(acc_options.dtype()).contiguous() : at::Tensor();
-  const at::Tensor b = bias ? bias->to(acc_options.dtype()).contiguous() : at::Tensor();
+  const at::ScalarType acc = acc_options.dtype().toScalarType();
+  const at::Tensor w = weight ? as_contiguous(*weight, acc) : at::Tensor();
+  const at::Tensor b = bias ? as_contiguous(*bias, acc) : at::Tensor();
   for (int64_t c = 0; c < C; ++c) {
     scale[c] = is[c] * (weight ? w.const_data_ptr<T>()[c] : T(1));
     shift[c] = (bias ? b.const_data_ptr<T>()[c] : T(0)) - m[c] * scale[c];
@@ -165,7 +176,7 @@ void backward(const T* g, const T* p, const T* m, const T* is, const std::option
   if (!gp) {
     return;
   }
-  const at::Tensor w = weight ? weight->to(c10::CppTypeToScalarType<T>::value).contiguous() : at::Tensor();
+  const at::Tensor w = weight ? as_contiguous(*weight, c10::CppTypeToScalarType<T>::value) : at::Tensor();
   std::vector<T> a(C), c0(C), k(C);
   const T M = static_cast<T>(B * N);
   for (int64_t c = 0; c < C; ++c) {

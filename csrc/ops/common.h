@@ -37,6 +37,16 @@ inline std::string dtype_str(at::ScalarType dtype) {
   }
 }
 
+// t in dtype and contiguous: t itself, with no dispatcher call, when it already is both (the common case).
+inline at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
+}
+
+// t in dtype: t itself when it already is.
+inline at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
 // at::parallel_for whose tasks run f(begin, end) compiled twice: for AVX2 + FMA, chosen at run time when the CPU
 // has them, and for the baseline ISA the extension is built for. `flatten` inlines f and everything it calls into
 // each copy, so that the vectoriser sees the wider registers (GCC and Clang, x86-64; elsewhere one plain copy).

@@ -36,7 +36,7 @@ at::Tensor depthwise_conv_cpu(const at::Tensor& x_in, const at::Tensor& weight, 
   if (out.numel() == 0) {
     return out;
   }
-  const at::Tensor w = weight.to(at::toOpMathType(x.scalar_type())).contiguous();
+  const at::Tensor w = as_contiguous(weight, at::toOpMathType(x.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv_cpu", [&] {
     forward_kernel<scalar_t>(g, x.const_data_ptr<scalar_t>(), w.const_data_ptr<at::opmath_type<scalar_t>>(),
                              out.mutable_data_ptr<scalar_t>());
@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv_backward_cpu(const at::Tensor&
   at::Tensor grad_x = output_mask[0] ? at::empty_like(x) : at::Tensor();
   at::Tensor gw_planes = output_mask[1] ? at::empty({g.B, g.C, kk}, x.options().dtype(acc_dtype)) : at::Tensor();
   // Always run: every plane writes its weight-gradient partial sums, even a plane with no pixels (H = 0).
-  const at::Tensor w = weight.to(acc_dtype).contiguous();
+  const at::Tensor w = as_contiguous(weight, acc_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_kernel<scalar_t>(g, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv_backward_cpu(const at::Tensor&
         }
       }
     });
-    grad_weight = grad_weight.to(weight.scalar_type());
+    grad_weight = as_dtype(grad_weight, weight.scalar_type());
   }
   return {grad_x, grad_weight};
 }

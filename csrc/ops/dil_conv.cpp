@@ -159,7 +159,7 @@ Unit check_unit(const char* op, const at::Tensor& x, const at::Tensor& dw_weight
 
 // The tensor in the accumulation dtype, contiguous (no copy when it already is both).
 at::Tensor acc_contiguous(const at::Tensor& t) {
-  return t.to(at::toOpMathType(t.scalar_type())).contiguous();
+  return as_contiguous(t, at::toOpMathType(t.scalar_type()));
 }
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -211,7 +211,7 @@ Outputs dil_conv_cpu(const at::Tensor& x_in, const at::Tensor& dw_weight, const 
                            update || !training ? running_mean : std::nullopt,
                            update || !training ? running_var : std::nullopt, training, momentum, eps, acc_options);
   });
-  return {y.to(x_in.scalar_type()), d, p, stats.mean, stats.invstd, stats.new_mean, stats.new_var};
+  return {as_dtype(y, x_in.scalar_type()), d, p, stats.mean, stats.invstd, stats.new_mean, stats.new_var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dil_conv_backward_cpu(
@@ -307,8 +307,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dil_conv_
     }
   });
   const at::Tensor& bn_like = bn_weight ? *bn_weight : x_in;
-  return {gx.to(x_in.scalar_type()), gdw.to(dw_weight.scalar_type()), gpw.to(pw_weight.scalar_type()),
-          gbw.to(bn_like.scalar_type()), gbb.to(bn_like.scalar_type())};
+  return {as_dtype(gx, x_in.scalar_type()), as_dtype(gdw, dw_weight.scalar_type()),
+          as_dtype(gpw, pw_weight.scalar_type()), as_dtype(gbw, bn_like.scalar_type()),
+          as_dtype(gbb, bn_like.scalar_type())};
 }
 
 }  // namespace

@@ -133,7 +133,7 @@ at::Tensor mixed_op_cpu(at::TensorList xs, const at::Tensor& weights) {
     return out;
   }
   const at::ScalarType acc_dtype = at::toOpMathType(xs[0].scalar_type());
-  const at::Tensor w = weights.to(acc_dtype).contiguous();  // K numbers
+  const at::Tensor w = as_contiguous(weights, acc_dtype);  // K numbers
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "mixed_op_cpu", [&] {
     std::vector<const scalar_t*> ptrs;
     for (const auto& x : flat.tensors) {
@@ -162,7 +162,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cpu(const at::
   if (n == 0) {
     return {grad_xs, grad_w.zero_().to(weights.scalar_type())};
   }
-  const at::Tensor w = weights.to(acc_dtype).contiguous();
+  const at::Tensor w = as_contiguous(weights, acc_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mixed_op_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<const scalar_t*> x_ptrs;
@@ -174,7 +174,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cpu(const at::
     backward_kernel<scalar_t>(flat.tensors[K].const_data_ptr<scalar_t>(), x_ptrs, w.const_data_ptr<acc_t>(),
                               gx_ptrs, grad_w.mutable_data_ptr<acc_t>(), n);
   });
-  return {grad_xs, grad_w.to(weights.scalar_type())};
+  return {grad_xs, as_dtype(grad_w, weights.scalar_type())};
 }
 
 }  // namespace

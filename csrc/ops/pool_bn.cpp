@@ -174,7 +174,7 @@ Outputs pool_bn_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& run
   TORCH_CHECK_VALUE(eps > 0, op, ": eps is ", eps, ", expected > 0");
   const at::ScalarType acc = at::toOpMathType(x_in.scalar_type());
   const at::TensorOptions acc_options = x_in.options().dtype(acc);
-  const at::Tensor x = x_in.to(acc).contiguous();
+  const at::Tensor x = as_contiguous(x_in, acc);
   at::Tensor p = at::empty({g.B, g.C, g.Ho, g.Wo}, acc_options);
   at::Tensor y = at::empty({g.B, g.C, g.Ho, g.Wo}, acc_options);
   at::Tensor taps = at::empty({is_max ? g.B : 0, g.C, g.Ho, g.Wo}, x_in.options().dtype(at::kInt));
@@ -192,7 +192,7 @@ Outputs pool_bn_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& run
                            with_stats ? running_mean : std::nullopt, with_stats ? running_var : std::nullopt,
                            training, momentum, eps, acc_options);
   });
-  return {y.to(x_in.scalar_type()), p, taps, stats.mean, stats.invstd, stats.new_mean, stats.new_var};
+  return {as_dtype(y, x_in.scalar_type()), p, taps, stats.mean, stats.invstd, stats.new_mean, stats.new_var};
 }
 
 at::Tensor pool_bn_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& p_in,
@@ -218,7 +218,7 @@ at::Tensor pool_bn_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
   check(mean_in, "mean", {g.C}, acc);
   check(invstd_in, "invstd", {g.C}, acc);
   const at::TensorOptions acc_options = x_in.options().dtype(acc);
-  const at::Tensor grad = grad_in.to(acc).contiguous(), p = p_in.contiguous(), taps = taps_in.contiguous();
+  const at::Tensor grad = as_contiguous(grad_in, acc), p = p_in.contiguous(), taps = taps_in.contiguous();
   const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
   at::Tensor gx = at::empty({g.B, g.C, g.H, g.W}, acc_options);
   AT_DISPATCH_FLOATING_TYPES(acc, "pool_bn_backward_cpu", [&] {
@@ -234,7 +234,7 @@ at::Tensor pool_bn_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
       pool_backward_planes<T>(g, is_max, gpp, tp, gxp, begin, end);
     });
   });
-  return gx.to(x_in.scalar_type());
+  return as_dtype(gx, x_in.scalar_type());
 }
 
 }  // namespace
