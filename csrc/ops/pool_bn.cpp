@@ -50,9 +50,10 @@ PoolGeometry check_pool(const char* op, const at::Tensor& x, int64_t stride) {
 }
 
 // p = pool(x) for the planes [begin, end); with is_max, also the winning tap (0..8) of each output in taps.
-template <typename T>
+// The stride is a template argument so that the row loops have a constant step (stride 1 vectorises).
+template <int64_t s, typename T>
 void pool_planes(const PoolGeometry& g, bool is_max, const T* x, T* p, int32_t* taps, int64_t begin, int64_t end) {
-  const int64_t Hp = g.Hp(), Wp = g.Wp(), s = g.stride;
+  const int64_t Hp = g.Hp(), Wp = g.Wp();
   const T pad = is_max ? -std::numeric_limits<T>::infinity() : T(0);
   std::vector<T> plane(Hp * Wp), acc(g.Wo), col_count(g.Wo);
   std::vector<int32_t> win(g.Wo), col_first(g.Wo);
@@ -108,12 +109,14 @@ void pool_planes(const PoolGeometry& g, bool is_max, const T* x, T* p, int32_t* 
   }
 }
 
-// grad_x of the pool for the planes [begin, end), from grad_p.
-template <typename T>
+// grad_x of the pool for the planes [begin, end), from grad_p. Max: each output's gradient goes to its winning
+// tap. Average: the gradient scaled by 1 / count is spread over each window in two gathers, along the row (into a
+// padded row R) and then down the columns, so that no loop adds into memory that it has just written.
+template <int64_t s, typename T>
 void pool_backward_planes(const PoolGeometry& g, bool is_max, const T* gp, const int32_t* taps, T* gx,
                           int64_t begin, int64_t end) {
-  const int64_t Hp = g.Hp(), Wp = g.Wp(), s = g.stride;
-  std::vector<T> plane(Hp * Wp), scaled(g.Wo), col_count(g.Wo);
+  const int64_t Wp = g.Wp();
+  std::vector<T> plane(g.Hp() * Wp), rows(is_max ? 0 : g.Ho * Wp), scaled(g.Wo + 4), col_count(g.Wo);
   for (int64_t ow = 0; ow < g.Wo; ++ow) {
     const auto [lo, hi] = valid_taps(ow, s, g.W);
     col_count[ow] = static_cast<T>(hi - lo);
@@ -121,29 +124,47 @@ void pool_backward_planes(const PoolGeometry& g, bool is_max, const T* gp, const
   for (int64_t pl = begin; pl < end; ++pl) {
     std::fill(plane.begin(), plane.end(), T(0));
     const T* gr = gp + pl * g.N();
-    for (int64_t oh = 0; oh < g.Ho; ++oh) {
-      if (is_max) {
-        const int32_t* t = taps + pl * g.N() + oh * g.Wo;
+    if (is_max) {
+      const int32_t* t = taps + pl * g.N();
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
         for (int64_t ow = 0; ow < g.Wo; ++ow) {
-          plane[(oh * s + t[ow] / 3) * Wp + ow * s + t[ow] % 3] += gr[oh * g.Wo + ow];
+          const int32_t tap = t[oh * g.Wo + ow];
+          plane[(oh * s + tap / 3) * Wp + ow * s + tap % 3] += gr[oh * g.Wo + ow];
         }
-      } else {
+      }
+    } else {
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
         const auto [row_lo, row_hi] = valid_taps(oh, s, g.H);
-        const T rows = static_cast<T>(row_hi - row_lo);
+        const T n_rows = static_cast<T>(row_hi - row_lo);
+        T* sc = scaled.data() + 2;  // two zeros on either side
         for (int64_t ow = 0; ow < g.Wo; ++ow) {
-          scaled[ow] = gr[oh * g.Wo + ow] / (rows * col_count[ow]);
+          sc[ow] = gr[oh * g.Wo + ow] / (n_rows * col_count[ow]);
         }
-        for (int64_t i = 0; i < 3; ++i) {
-          for (int64_t j = 0; j < 3; ++j) {
-            T* __restrict__ dst = plane.data() + (oh * s + i) * Wp + j;
-            for (int64_t ow = 0; ow < g.Wo; ++ow) {
-              dst[ow * s] += scaled[ow];  // the padding ring collects what falls outside and is dropped
+        T* r = rows.data() + oh * Wp;  // r[c] = sum of sc[ow] over the windows (ow * s .. ow * s + 2) holding c
+        if (s == 1) {
+          for (int64_t c = 0; c < Wp; ++c) {
+            r[c] = sc[c - 2] + sc[c - 1] + sc[c];
+          }
+        } else {
+          for (int64_t k = 0; 2 * k < Wp; ++k) {
+            r[2 * k] = sc[k] + sc[k - 1];
+            if (2 * k + 1 < Wp) {
+              r[2 * k + 1] = sc[k];
             }
           }
         }
       }
+      for (int64_t hp = 0; hp < g.Hp(); ++hp) {  // padded row hp collects rows oh with oh * s <= hp <= oh * s + 2
+        T* __restrict__ dst = plane.data() + hp * Wp;
+        for (int64_t oh = std::max<int64_t>(0, (hp - 2 + s - 1) / s); oh <= std::min(g.Ho - 1, hp / s); ++oh) {
+          const T* __restrict__ r = rows.data() + oh * Wp;
+          for (int64_t c = 0; c < Wp; ++c) {
+            dst[c] += r[c];
+          }
+        }
+      }
     }
-    T* gxp = gx + pl * g.H * g.W;
+    T* gxp = gx + pl * g.H * g.W;  // the padding ring collected what falls outside: dropped
     for (int64_t h = 0; h < g.H; ++h) {
       std::copy_n(plane.data() + (h + 1) * Wp + 1, g.W, gxp + h * g.W);
     }
@@ -185,7 +206,11 @@ Outputs pool_bn_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& run
     T* pp = p.mutable_data_ptr<T>();
     int32_t* tp = is_max ? taps.mutable_data_ptr<int32_t>() : nullptr;
     fastdarts::parallel_for(0, g.B * g.C, plane_grain(g), [&](int64_t begin, int64_t end) {
-      pool_planes<T>(g, is_max, xp, pp, tp, begin, end);
+      if (stride == 1) {
+        pool_planes<1, T>(g, is_max, xp, pp, tp, begin, end);
+      } else {
+        pool_planes<2, T>(g, is_max, xp, pp, tp, begin, end);
+      }
     });
     const bool with_stats = running_mean.has_value();
     stats = bn::forward<T>(pp, y.mutable_data_ptr<T>(), g.B, g.C, g.N(), std::nullopt, std::nullopt,
@@ -231,7 +256,11 @@ at::Tensor pool_bn_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
     const int32_t* tp = is_max ? taps.const_data_ptr<int32_t>() : nullptr;
     T* gxp = gx.mutable_data_ptr<T>();
     fastdarts::parallel_for(0, g.B * g.C, plane_grain(g), [&](int64_t begin, int64_t end) {
-      pool_backward_planes<T>(g, is_max, gpp, tp, gxp, begin, end);
+      if (stride == 1) {
+        pool_backward_planes<1, T>(g, is_max, gpp, tp, gxp, begin, end);
+      } else {
+        pool_backward_planes<2, T>(g, is_max, gpp, tp, gxp, begin, end);
+      }
     });
   });
   return as_dtype(gx, x_in.scalar_type());
