@@ -5,6 +5,7 @@ Importing this module never fails: when ``fastdarts._C`` is missing, was built a
 not load, the reason is recorded and every op falls back to its ``<op>_ref``. :func:`info` says what is live.
 """
 
+import ctypes
 import importlib
 import importlib.metadata
 import importlib.util
@@ -18,7 +19,7 @@ import torch
 
 from fastdarts.errors import UsageError
 
-__all__ = ["BACKENDS", "extension_loaded", "get_backend", "info", "kernel_live", "set_backend"]
+__all__ = ["BACKENDS", "extension_loaded", "get_backend", "info", "kernel_live", "set_backend", "tune_cpu_allocator"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,34 @@ def kernel_live(op_name: str, device: torch.device) -> bool:
     device's type (CPU or CUDA).
     """
     return _backend == "auto" and _has_kernel(op_name, torch.device(device).type)
+
+
+# glibc mallopt parameters and the values tune_cpu_allocator sets: tensors up to 32 MiB (glibc's largest mmap
+# threshold) come from the heap, and up to 512 MiB of freed heap is kept instead of being returned to the OS.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MALLOPT = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 512 << 20), (_M_TOP_PAD, 64 << 20))
+
+
+def tune_cpu_allocator() -> bool:
+    """Makes glibc keep freed tensor memory for the next tensor instead of unmapping it, for this whole process.
+
+    PyTorch's CPU allocator is plain malloc: every tensor of more than 128 KiB (a 16x16x32x32 CIFAR cell state is
+    1 MiB) is mapped fresh and page-faulted in, then unmapped when freed; a search step allocates thousands of
+    them. On this project's 2-core machine half of a pooling kernel's time went to those page faults. This raises
+    glibc's mmap and trim thresholds (``mallopt``), as the ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
+    environment variables would: it affects every allocation of the process (torch's and ours alike), holds on to
+    up to 512 MiB of freed memory, and is what ``fastdarts search`` does at start. A no-op returning False where
+    malloc is not glibc's.
+
+    Returns:
+        Whether all settings were applied.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return all(mallopt(param, value) == 1 for param, value in _MALLOPT)
 
 
 def _triton_status() -> tuple[bool, str]:

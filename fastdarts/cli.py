@@ -96,8 +96,10 @@ def _build_parser() -> argparse.ArgumentParser:
 def _search(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
+    from fastdarts.backend import tune_cpu_allocator
     from fastdarts.search import SearchConfig, run_search
 
+    tune_cpu_allocator()
     fields = {f.name for f in dataclasses.fields(SearchConfig)}
     config = SearchConfig(**{k: v for k, v in vars(args).items() if k in fields})
     bar: tqdm | None = None
