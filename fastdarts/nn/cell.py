@@ -35,11 +35,14 @@ class MixedOp(nn.Module):
                 op = PoolBN(op, nn.BatchNorm2d(C, affine=False))
             self._ops.append(op)
         self._live = [k for k, name in enumerate(primitives) if name != "none"]
+        # the live weights as a slice (a view) when they are a run, as in DARTS where `none` comes first
+        runs = self._live == list(range(self._live[0], self._live[-1] + 1)) if self._live else False
+        self._live_slice = slice(self._live[0], self._live[-1] + 1) if runs else None
 
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         """Mix the candidates. x: [B, C, H, W]; weights: [K] for K primitives. Returns [B, C, H/s, W/s]."""
         outs = [self._ops[k](x) for k in self._live]
-        w = weights if len(self._live) == len(self._ops) else weights[self._live]
+        w = weights[self._live_slice] if self._live_slice is not None else weights[self._live]
         return mixed_op(outs, w)
 
 

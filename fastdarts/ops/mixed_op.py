@@ -1,10 +1,11 @@
 """mixed_op: the DARTS softmax-weighted sum of candidate outputs, ``out = sum_k weights[k] * xs[k]``.
 
-``mixed_op_ref`` is the pure-PyTorch oracle and fallback. ``mixed_op`` is a ``torch.library`` custom op that runs
-the compiled kernels of ``fastdarts._C`` (csrc/ops/mixed_op.cpp on CPU, csrc/ops/cuda/mixed_op.cu on CUDA) when
-:func:`fastdarts.backend.kernel_live` says so, and the reference otherwise. It has a fake kernel (for
-``torch.compile`` and ``opcheck``) and an autograd formula whose backward is a second custom op,
-``fastdarts::mixed_op_backward``, which is differentiable too (double backward).
+``mixed_op_ref`` is the pure-PyTorch oracle and fallback. ``mixed_op`` runs the compiled operators
+``fastdarts_C::mixed_op`` / ``mixed_op_backward`` (csrc/ops/mixed_op.cpp on CPU, csrc/ops/cuda/mixed_op.cu on
+CUDA) when :func:`fastdarts.backend.kernel_live` says so, and the reference otherwise. The operators have fake
+kernels registered here (``torch.compile``, ``opcheck``); the autograd is the ``torch.autograd.Function``
+``_MixedOp`` (a ``custom_op`` wrapper cost ~300 us per edge forward+backward on a 2-core CPU, as much as the
+kernels), whose double backward differentiates the reference formulas.
 """
 
 from collections.abc import Sequence
@@ -146,16 +147,16 @@ def _use_kernel(op: str, xs: Sequence[Tensor]) -> bool:
     return backend.kernel_live(op, device) and (device.type != "cuda" or len(xs) <= _CUDA_MAX_K)
 
 
-# ---- fastdarts::mixed_op ----------------------------------------------------------------------------------
+# ---- the op --------------------------------------------------------------------------------------------
 
 
-def _mixed_op(xs: Sequence[Tensor], weights: Tensor) -> Tensor:
+def mixed_op(xs: Sequence[Tensor], weights: Tensor) -> Tensor:
     """Mixed op of DARTS: the weighted sum of the candidate outputs, ``out = sum_k weights[k] * xs[k]``.
 
     Runs the fused kernel of ``fastdarts._C`` (one pass over memory, fp32 accumulation) on CPU and CUDA when
     :func:`fastdarts.backend.kernel_live` says it is live, and :func:`mixed_op_ref` otherwise (no compiled
-    extension, backend "reference", another device, or more than 16 inputs on CUDA). Differentiable: the
-    gradients are ``grad_xs[k] = weights[k] * grad_out`` and ``grad_weights[k] = <grad_out, xs[k]>``
+    extension, backend "reference", another device, or more than 16 inputs on CUDA). Differentiable any number of
+    times: the gradients are ``grad_xs[k] = weights[k] * grad_out`` and ``grad_weights[k] = <grad_out, xs[k]>``
     (accumulated in fp32, fp64 for fp64, returned in the dtype of ``weights``). Works with
     ``torch.compile(fullgraph=True)``.
 
@@ -175,25 +176,12 @@ def _mixed_op(xs: Sequence[Tensor], weights: Tensor) -> Tensor:
     """
     _check_inputs("mixed_op", xs, weights)
     if _use_kernel("mixed_op", xs):
-        return torch.ops.fastdarts_C.mixed_op(list(xs), weights)
+        return _MixedOp.apply(weights, *xs)
     return _in_output_layout(mixed_op_ref(xs, weights), xs)
 
 
-mixed_op = torch.library.custom_op("fastdarts::mixed_op", _mixed_op, mutates_args=())
-mixed_op.__doc__ = _mixed_op.__doc__
-
-
-@mixed_op.register_fake
-def _mixed_op_fake(xs: Sequence[Tensor], weights: Tensor) -> Tensor:
-    _check_inputs("mixed_op", xs, weights)
-    return _new_output(xs)
-
-
-# ---- fastdarts::mixed_op_backward -------------------------------------------------------------------------
-
-
-def _mixed_op_backward(grad: Tensor, xs: Sequence[Tensor], weights: Tensor) -> tuple[list[Tensor], Tensor]:
-    """Both gradients of :func:`mixed_op` in one pass over ``grad`` and ``xs``.
+def mixed_op_backward(grad: Tensor, xs: Sequence[Tensor], weights: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Both gradients of :func:`mixed_op` in one pass over ``grad`` and ``xs`` (not differentiable).
 
     Args:
         grad: ``[B, C, H, W]``, the gradient of the output, in the dtype of ``xs``.
@@ -208,66 +196,52 @@ def _mixed_op_backward(grad: Tensor, xs: Sequence[Tensor], weights: Tensor) -> t
     _check_inputs("mixed_op_backward", xs, weights, grad)
     if _use_kernel("mixed_op_backward", xs):
         grad_xs, grad_weights = torch.ops.fastdarts_C.mixed_op_backward(grad, list(xs), weights)
-        return grad_xs, grad_weights
+        return list(grad_xs), grad_weights
     tensors = [*xs, grad]
     grad_xs = [_in_output_layout(gx, tensors) for gx in _grad_xs_ref(grad, weights)]
     return grad_xs, _grad_weights_ref(grad, xs).to(weights.dtype)
 
 
-mixed_op_backward = torch.library.custom_op(
-    "fastdarts::mixed_op_backward", _mixed_op_backward, mutates_args=()
-)
-mixed_op_backward.__doc__ = _mixed_op_backward.__doc__
+class _MixedOp(torch.autograd.Function):
+    """Autograd of ``fastdarts_C::mixed_op`` (inputs: weights, then the K tensors)."""
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, *xs: Tensor) -> Tensor:
+        ctx.save_for_backward(weights, *xs)
+        return torch.ops.fastdarts_C.mixed_op(list(xs), weights)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weights, *xs = ctx.saved_tensors
+        weights_need, *xs_need = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            # create_graph: the reference formulas, differentiable in grad, xs and weights (double backward)
+            grad_xs = _grad_xs_ref(grad, weights) if any(xs_need) else [None] * len(xs)
+            grad_weights = _grad_weights_ref(grad, xs).to(weights.dtype) if weights_need else None
+        elif any(xs_need) and weights_need:
+            grad_xs, grad_weights = torch.ops.fastdarts_C.mixed_op_backward(grad, xs, weights)
+        elif any(xs_need):  # frozen weights: the dot products are not needed
+            grad_xs, grad_weights = _grad_xs_ref(grad, weights), None
+        elif weights_need:  # constant candidates: grad_xs is not needed
+            grad_xs, grad_weights = [None] * len(xs), _grad_weights_ref(grad, xs).to(weights.dtype)
+        else:
+            return (None,) * (1 + len(xs))
+        return grad_weights, *(gx if need else None for gx, need in zip(grad_xs, xs_need))
 
 
-@mixed_op_backward.register_fake
-def _mixed_op_backward_fake(
-    grad: Tensor, xs: Sequence[Tensor], weights: Tensor
-) -> tuple[list[Tensor], Tensor]:
-    _check_inputs("mixed_op_backward", xs, weights, grad)
-    tensors = [*xs, grad]
-    return [_new_output(tensors) for _ in xs], weights.new_empty(weights.shape)
+def _register() -> None:
+    def fake(xs, weights):
+        _check_inputs("mixed_op", xs, weights)
+        return _new_output(xs)
+
+    def fake_backward(grad, xs, weights):
+        _check_inputs("mixed_op_backward", xs, weights, grad)
+        tensors = [*xs, grad]
+        return [_new_output(tensors) for _ in xs], weights.new_empty(weights.shape)
+
+    torch.library.register_fake("fastdarts_C::mixed_op", fake)
+    torch.library.register_fake("fastdarts_C::mixed_op_backward", fake_backward)
 
 
-# ---- autograd ---------------------------------------------------------------------------------------------
-
-
-def _mixed_op_setup_context(ctx, inputs, output) -> None:
-    xs, weights = inputs
-    ctx.save_for_backward(*xs, weights)
-
-
-def _mixed_op_grad(ctx, grad: Tensor):
-    *xs, weights = ctx.saved_tensors
-    xs_need, weights_need = ctx.needs_input_grad  # ([bool] * K, bool)
-    if any(xs_need) and weights_need:
-        grad_xs, grad_weights = mixed_op_backward(grad, xs, weights)
-    elif any(xs_need):  # frozen weights: the dot products are not needed
-        grad_xs, grad_weights = _grad_xs_ref(grad, weights), None
-    elif weights_need:  # constant candidates: grad_xs is not needed
-        grad_xs, grad_weights = [None] * len(xs), _grad_weights_ref(grad, xs).to(weights.dtype)
-    else:
-        return [None] * len(xs), None
-    return [gx if need else None for gx, need in zip(grad_xs, xs_need)], grad_weights
-
-
-def _mixed_op_backward_setup_context(ctx, inputs, output) -> None:
-    grad, xs, weights = inputs
-    ctx.save_for_backward(grad, *xs, weights)
-
-
-def _mixed_op_backward_grad(ctx, grad_grad_xs: list[Tensor | None], grad_grad_weights: Tensor | None):
-    # grad_xs[k] = w[k] * g and grad_weights[k] = <g, x[k]> are bilinear, so their derivatives are
-    # d/dg = sum_k w[k] * ggx[k] + sum_k ggw[k] * x[k],  d/dx[k] = ggw[k] * g,  d/dw[k] = <ggx[k], g>.
-    grad, *xs, weights = ctx.saved_tensors
-    grad_need, xs_need, weights_need = ctx.needs_input_grad
-    ggx = [torch.zeros_like(grad) if t is None else t for t in grad_grad_xs]
-    ggw = torch.zeros_like(weights) if grad_grad_weights is None else grad_grad_weights
-    d_grad = mixed_op(ggx, weights) + mixed_op(xs, ggw) if grad_need else None
-    d_xs = [mixed_op([grad], ggw[k : k + 1]) if need else None for k, need in enumerate(xs_need)]
-    d_weights = _grad_weights_ref(grad, ggx).to(weights.dtype) if weights_need else None
-    return d_grad, d_xs, d_weights
-
-
-mixed_op.register_autograd(_mixed_op_grad, setup_context=_mixed_op_setup_context)
-mixed_op_backward.register_autograd(_mixed_op_backward_grad, setup_context=_mixed_op_backward_setup_context)
+if backend.extension_loaded():
+    _register()
