@@ -96,29 +96,42 @@ void pointwise(const T* w, const T* in, T* out, int64_t B, int64_t I, int64_t O,
   }
 }
 
-// gw[o, i] = sum_b sum_n g[b, o, n] * in[b, i, n]: per sample, in[b] is transposed to [N, I] so that each pixel
-// adds g[b, :, n] x in[b, :, n] into a [O, I] partial sum along contiguous rows; then the batch in a fixed order.
+// gw[o, i] = sum_b sum_n g[b, o, n] * in[b, i, n]: per sample, in[b] is transposed to [N, Ip] (zero-padded to
+// whole vectors) and blocks of kRows x L outputs are summed over n in registers (GCC vector extensions: one AVX2
+// register per output row, a broadcast multiply-add per pixel); then the batch in a fixed order.
 template <typename T>
 void pointwise_grad_weight(const T* g, const T* in, T* gw, int64_t B, int64_t I, int64_t O, int64_t N) {
-  std::vector<T> partial(B * O * I, T(0));
+  typedef T vec __attribute__((vector_size(32)));
+  constexpr int64_t L = 32 / sizeof(T), kRows = 8;
+  const int64_t Ip = (I + L - 1) / L * L;
+  std::vector<T> partial(B * O * I);
   fastdarts::parallel_for(0, B, row_grain(O * I * N), [&](int64_t begin, int64_t end) {
-    std::vector<T> in_t(N * I);
+    std::vector<T> in_t(N * Ip, T(0));
     for (int64_t b = begin; b < end; ++b) {
       const T* ib = in + b * I * N;
       for (int64_t i = 0; i < I; ++i) {
         for (int64_t n = 0; n < N; ++n) {
-          in_t[n * I + i] = ib[i * N + n];
+          in_t[n * Ip + i] = ib[i * N + n];
         }
       }
-      const T* gb = g + b * O * N;
-      T* acc = partial.data() + b * O * I;
-      for (int64_t n = 0; n < N; ++n) {
-        const T* __restrict__ row = in_t.data() + n * I;
-        for (int64_t o = 0; o < O; ++o) {
-          const T gv = gb[o * N + n];
-          T* __restrict__ a = acc + o * I;
-          for (int64_t i = 0; i < I; ++i) {
-            a[i] += gv * row[i];
+      for (int64_t o0 = 0; o0 < O; o0 += kRows) {
+        const T* rows[kRows];
+        for (int64_t r = 0; r < kRows; ++r) {
+          rows[r] = g + (b * O + std::min(o0 + r, O - 1)) * N;  // rows past O repeat the last, unused
+        }
+        for (int64_t i0 = 0; i0 < Ip; i0 += L) {
+          vec acc[kRows] = {};
+          for (int64_t n = 0; n < N; ++n) {
+            vec v;
+            __builtin_memcpy(&v, in_t.data() + n * Ip + i0, sizeof(vec));
+            for (int64_t r = 0; r < kRows; ++r) {
+              acc[r] += rows[r][n] * v;
+            }
+          }
+          for (int64_t r = 0; r < std::min(kRows, O - o0); ++r) {
+            for (int64_t l = 0; l < std::min(L, I - i0); ++l) {
+              partial[(b * O + o0 + r) * I + i0 + l] = acc[r][l];
+            }
           }
         }
       }
