@@ -7,7 +7,6 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
-#include <utility>
 #include <vector>
 
 #include "ops/common.h"
@@ -120,6 +119,40 @@ inline acc_t sum_block(acc_t* lanes) {
   return (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
 }
 
+// out[0, E) = sum_{t < ntaps} w[t] * src[off[t] + e] for e < E = V * L (L lanes of a 32-byte vector): the partial
+// sums in V vector registers (GCC vector extensions), so that V independent multiply-add chains hide the latency.
+template <int V, typename acc_t>
+inline void tap_sum(const acc_t* src, const int64_t* off, const acc_t* w, int64_t ntaps, acc_t* out) {
+  typedef acc_t vec __attribute__((vector_size(32)));
+  constexpr int64_t L = 32 / sizeof(acc_t);
+  vec a[V] = {};
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const acc_t* s = src + off[t];
+    const acc_t wv = w[t];
+    for (int v = 0; v < V; ++v) {
+      vec x;
+      __builtin_memcpy(&x, s + v * L, sizeof(vec));
+      a[v] += wv * x;
+    }
+  }
+  __builtin_memcpy(out, a, sizeof(a));
+}
+
+// tap_sum over [begin, end) (a whole number of kBlock) in blocks of 4 vectors, then of kBlock elements.
+template <typename acc_t>
+inline void tap_sums(const acc_t* src, const int64_t* off, const acc_t* w, int64_t ntaps, acc_t* out, int64_t begin,
+                     int64_t end) {
+  constexpr int64_t L = 32 / sizeof(acc_t), kWide = 4 * L, kNarrow = kBlock / L;
+  static_assert(kBlock % L == 0 && kWide % kBlock == 0, "blocks must be whole vectors");
+  int64_t m = begin;
+  for (; m + kWide <= end; m += kWide) {
+    tap_sum<4>(src + m, off, w, ntaps, out + m);
+  }
+  for (; m < end; m += kBlock) {
+    tap_sum<kNarrow>(src + m, off, w, ntaps, out + m);
+  }
+}
+
 // dst[t] = src[t * s] for t < len, and with kRelu max(src[t * s], 0): branch-free, and a plain vectorisable copy
 // for s = 1.
 template <bool kRelu, typename scalar_t, typename acc_t>
@@ -162,18 +195,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, const at::opmath_type<
     std::vector<acc_t> acc(g.grid);
     for (int64_t plane = begin; plane < end; ++plane) {
       scatter_plane(g, x + plane * g.H * g.W, phases.data(), relu);
-      const acc_t* wp = w + (plane % g.C) * kk;
-      for (int64_t n0 = 0; n0 < g.grid; n0 += kBlock) {
-        acc_t a[kBlock] = {};
-        for (int64_t t = 0; t < kk; ++t) {
-          const acc_t wv = wp[t];
-          const acc_t* __restrict__ src = phases.data() + g.taps[t] + n0;
-          for (int64_t l = 0; l < kBlock; ++l) {
-            a[l] += wv * src[l];
-          }
-        }
-        std::copy_n(a, kBlock, acc.data() + n0);
-      }
+      tap_sums(phases.data(), g.taps.data(), w + (plane % g.C) * kk, kk, acc.data(), 0, g.grid);
       scalar_t* op = out + plane * g.Ho * g.Wo;
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
         for (int64_t ow = 0; ow < g.Wo; ++ow) {
@@ -197,11 +219,12 @@ void backward_kernel(const Geometry& g, const scalar_t* grad, const scalar_t* x,
   // grad_x in gather form: phase ph of the padded input gradient is gx_ph[m] = sum over the taps t reading phase ph
   // of w[t] * go[m - off_t] (off_t: where tap t reads, relative to the output position), register-blocked like
   // the forward. go lives at offset `front` of a zero buffer, so that m - off_t never leaves it.
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> phase_taps(phases);  // (t, off_t) per phase
+  std::vector<std::vector<int64_t>> phase_taps(phases), phase_offs(phases);  // per phase: t, and -off_t
   int64_t front = 0;
   for (int64_t t = 0; t < kk; ++t) {
     const int64_t off = g.taps[t] % g.phase_size;
-    phase_taps[g.taps[t] / g.phase_size].emplace_back(t, off);
+    phase_taps[g.taps[t] / g.phase_size].push_back(t);
+    phase_offs[g.taps[t] / g.phase_size].push_back(-off);
     front = std::max(front, off);
   }
   const int64_t span = (g.Hq * g.Wq + kBlock - 1) / kBlock * kBlock;  // the phase elements gathered
@@ -211,6 +234,7 @@ void backward_kernel(const Geometry& g, const scalar_t* grad, const scalar_t* x,
     std::vector<acc_t> gx_phases(gx ? phases * g.phase_size : 0);
     std::vector<acc_t> go(go_size, acc_t(0));  // only the Ho x Wo outputs are ever written: zeros elsewhere
     acc_t* const gr = go.data() + front;
+    std::vector<acc_t> w_phase(kk);  // the weights of one phase's taps, in phase_taps order
     for (int64_t plane = begin; plane < end; ++plane) {
       const scalar_t* gp = grad + plane * g.Ho * g.Wo;
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
@@ -240,17 +264,13 @@ void backward_kernel(const Geometry& g, const scalar_t* grad, const scalar_t* x,
           const int64_t a_ph = ph / g.stride;
           const int64_t r_lo = std::max<int64_t>(0, (g.padding - a_ph + g.stride - 1) / g.stride);
           const int64_t r_hi = std::min<int64_t>(g.Hq, (g.H + g.padding - a_ph + g.stride - 1) / g.stride);
-          for (int64_t m0 = r_lo * g.Wq; m0 < r_hi * g.Wq; m0 += kBlock) {
-            acc_t a[kBlock] = {};
-            for (const auto& [t, off] : phase_taps[ph]) {
-              const acc_t wv = wp[t];
-              const acc_t* __restrict__ src = gr + m0 - off;
-              for (int64_t l = 0; l < kBlock; ++l) {
-                a[l] += wv * src[l];
-              }
-            }
-            std::copy_n(a, kBlock, dst + m0);
+          const int64_t ntaps = static_cast<int64_t>(phase_taps[ph].size());
+          for (int64_t j = 0; j < ntaps; ++j) {
+            w_phase[j] = wp[phase_taps[ph][j]];
           }
+          const int64_t m_lo = r_lo * g.Wq;
+          const int64_t m_hi = m_lo + (std::max<int64_t>(0, r_hi - r_lo) * g.Wq + kBlock - 1) / kBlock * kBlock;
+          tap_sums(gr, phase_offs[ph].data(), w_phase.data(), ntaps, dst, m_lo, m_hi);
         }
         scalar_t* gxp = gx + plane * g.H * g.W;
         const scalar_t* xp = x + plane * g.H * g.W;
