@@ -153,6 +153,51 @@ inline void tap_sums(const acc_t* src, const int64_t* off, const acc_t* w, int64
   }
 }
 
+// out[j] = sum_{n < len} a[n] * b[off[j] + n] for j < G (len a whole number of vectors): G taps at a time, one
+// vector register of partial sums each (independent chains), then each register's lanes added pairwise.
+template <int G, typename acc_t>
+inline void tap_dot_group(const acc_t* a, const acc_t* b, const int64_t* off, int64_t len, acc_t* out) {
+  typedef acc_t vec __attribute__((vector_size(32)));
+  constexpr int64_t L = 32 / sizeof(acc_t);
+  vec acc[G] = {};
+  for (int64_t n = 0; n < len; n += L) {
+    vec av;
+    __builtin_memcpy(&av, a + n, sizeof(vec));
+    for (int j = 0; j < G; ++j) {
+      vec bv;
+      __builtin_memcpy(&bv, b + off[j] + n, sizeof(vec));
+      acc[j] += av * bv;
+    }
+  }
+  for (int j = 0; j < G; ++j) {
+    acc_t lanes[L];
+    __builtin_memcpy(lanes, &acc[j], sizeof(vec));
+    for (int64_t width = L / 2; width >= 1; width /= 2) {
+      for (int64_t l = 0; l < width; ++l) {
+        lanes[l] += lanes[l + width];
+      }
+    }
+    out[j] = lanes[0];
+  }
+}
+
+// tap_dot_group over all ntaps taps, eight at a time.
+template <typename acc_t>
+inline void tap_dots(const acc_t* a, const acc_t* b, const int64_t* off, int64_t ntaps, int64_t len, acc_t* out) {
+  for (int64_t t = 0; t < ntaps; t += 8) {
+    switch (std::min<int64_t>(8, ntaps - t)) {
+      case 8: tap_dot_group<8>(a, b, off + t, len, out + t); break;
+      case 7: tap_dot_group<7>(a, b, off + t, len, out + t); break;
+      case 6: tap_dot_group<6>(a, b, off + t, len, out + t); break;
+      case 5: tap_dot_group<5>(a, b, off + t, len, out + t); break;
+      case 4: tap_dot_group<4>(a, b, off + t, len, out + t); break;
+      case 3: tap_dot_group<3>(a, b, off + t, len, out + t); break;
+      case 2: tap_dot_group<2>(a, b, off + t, len, out + t); break;
+      default: tap_dot_group<1>(a, b, off + t, len, out + t); break;
+    }
+  }
+}
+
 // dst[t] = src[t * s] for t < len, and with kRelu max(src[t * s], 0): branch-free, and a plain vectorisable copy
 // for s = 1.
 template <bool kRelu, typename scalar_t, typename acc_t>
@@ -244,17 +289,7 @@ void backward_kernel(const Geometry& g, const scalar_t* grad, const scalar_t* x,
       }
       if (gw_planes) {
         scatter_plane(g, x + plane * g.H * g.W, x_phases.data(), relu);
-        acc_t* gwp = gw_planes + plane * kk;
-        for (int64_t t = 0; t < kk; ++t) {
-          const acc_t* __restrict__ src = x_phases.data() + g.taps[t];
-          acc_t lanes[kBlock] = {};  // independent partial sums: the reduction vectorises
-          for (int64_t n0 = 0; n0 < g.grid; n0 += kBlock) {
-            for (int64_t l = 0; l < kBlock; ++l) {
-              lanes[l] += gr[n0 + l] * src[n0 + l];
-            }
-          }
-          gwp[t] = sum_block(lanes);
-        }
+        tap_dots(gr, x_phases.data(), g.taps.data(), kk, g.grid, gw_planes + plane * kk);
       }
       if (gx) {
         const acc_t* wp = w + (plane % g.C) * kk;
