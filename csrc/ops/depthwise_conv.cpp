@@ -1,7 +1,7 @@
 // CPU kernels of depthwise_conv, the per-channel convolution of DARTS' separable and dilated candidates:
 //   forward:  out[b, c, oh, ow] = sum_{i, j} weight[c, 0, i, j] * x[b, c, oh * s - p + i * d, ow * s - p + j * d]
-//   backward: grad_x by scattering each output gradient back through the same taps; grad_weight[c, 0, i, j] =
-//             sum_b sum_{oh, ow} grad[b, c, oh, ow] * x[b, c, oh * s - p + i * d, ow * s - p + j * d]
+//   backward: grad_x gathers, for each input pixel, the output gradients of the taps that read it;
+//             grad_weight[c, 0, i, j] = sum_b sum_{oh, ow} grad[b, c, oh, ow] * x[b, c, oh * s - p + i * d, ...]
 // (zero padding). At DARTS' sizes (8 to 64 channels of 2x2 to 32x32) oneDNN spends most of its time per call,
 // not per element; these loops have no set-up beyond one parallel_for over the B x C planes, and each kernel tap is
 // one contiguous loop over a padded copy of the plane (see Geometry). Accumulation is in at::opmath_type (fp32,

@@ -20,7 +20,7 @@ namespace depthwise {
 // constant offset ((i d) / s) * Wq + (j d) / s from the output position: out[oh * Wq + ow] is then one contiguous
 // multiply-add loop per tap over the "grid" of Ho rows of Wq >= Wo columns (the columns past Wo are computed
 // and thrown away). No bounds checks, no strided access: vectorisable for every stride and dilation. The grid is
-// walked in blocks of kBlock elements whose partial sums stay in registers across all taps.
+// walked in blocks (whole kBlock elements) whose partial sums stay in vector registers across all taps (tap_sums).
 constexpr int64_t kBlock = 16;
 
 struct Geometry {
@@ -253,8 +253,8 @@ void forward_kernel(const Geometry& g, const scalar_t* x, const at::opmath_type<
 
 // grad_x (when gx is not null) and per-plane weight-gradient partial sums [B * C, k * k] (when gw_planes is not
 // null), in one pass over grad and x. The output gradient is laid out on the grid with zeros in the thrown-away
-// columns, so that it adds nothing there: grad_weight[i, j] is one dot product per tap, and grad_x is the
-// forward's loops run backwards (each tap adds w * grad into the phase buffer of the padded input gradient).
+// columns, so that it adds nothing there: grad_weight[i, j] is one dot product per tap (tap_dots), and grad_x
+// gathers per phase plane of the padded input gradient (tap_sums over the output gradient).
 template <typename scalar_t>
 void backward_kernel(const Geometry& g, const scalar_t* grad, const scalar_t* x, const at::opmath_type<scalar_t>* w,
                      scalar_t* gx, at::opmath_type<scalar_t>* gw_planes, bool relu = false) {
