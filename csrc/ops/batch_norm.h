@@ -51,6 +51,24 @@ inline void check_channels(const char* op, const at::Tensor& t, const char* name
                     " like x");
 }
 
+// The running statistics (both or neither, [C]), eval mode having them, training having more than one value per
+// channel (B * Ho * Wo), eps > 0.
+inline void check_stats(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
+                        const std::optional<at::Tensor>& running_var, int64_t B, int64_t C, int64_t Ho, int64_t Wo,
+                        bool training, double eps) {
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
+                    ": running_mean and running_var must be given together or both be None");
+  if (running_mean) {
+    check_channels(op, *running_mean, "running_mean", C, x);
+    check_channels(op, *running_var, "running_var", C, x);
+  }
+  TORCH_CHECK_VALUE(training || running_mean, op,
+                    ": training is False but running_mean and running_var are None: eval mode normalises with them");
+  TORCH_CHECK_VALUE(!training || B * Ho * Wo > 1, op, ": the BatchNorm input has shape (", B, ", ", C, ", ", Ho,
+                    ", ", Wo, "), expected more than one value per channel to compute batch statistics");
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps is ", eps, ", expected > 0");
+}
+
 // What the forward produces besides y: mean and invstd [C] (kept for the backward) and, when training with
 // running statistics, their new values (empty otherwise).
 struct Stats {

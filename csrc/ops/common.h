@@ -37,6 +37,16 @@ inline std::string dtype_str(at::ScalarType dtype) {
   }
 }
 
+// x is [B, C, H, W] on the CPU in float32, float64, float16 or bfloat16 (what every CPU kernel here takes).
+inline void check_image(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x has shape ", shape_str(x.sizes()), ", expected 4 dims [B, C, H, W]");
+  TORCH_CHECK(x.device().is_cpu(), op, ": x is on ", x.device(), ", this kernel runs on cpu");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                       x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                   op, ": x has dtype ", dtype_str(x.scalar_type()),
+                   ", expected one of float32, float64, float16, bfloat16");
+}
+
 // t in dtype and contiguous: t itself, with no dispatcher call, when it already is both (the common case).
 inline at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();

@@ -72,12 +72,7 @@ struct Geometry {
 
 inline Geometry check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t stride,
                              int64_t padding, int64_t dilation, const char* weight_name = "weight") {
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x has shape ", shape_str(x.sizes()), ", expected 4 dims [B, C, H, W]");
-  TORCH_CHECK(x.device().is_cpu(), op, ": x is on ", x.device(), ", this kernel runs on cpu");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
-                       x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-                   op, ": x has dtype ", dtype_str(x.scalar_type()),
-                   ", expected one of float32, float64, float16, bfloat16");
+  check_image(op, x);
   const int64_t C = x.size(1);
   TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 &&
                         weight.size(2) == weight.size(3) && weight.size(2) >= 1,

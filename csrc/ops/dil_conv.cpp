@@ -189,17 +189,7 @@ Outputs dil_conv_cpu(const at::Tensor& x_in, const at::Tensor& dw_weight, const 
   if (bn_bias) {
     bn::check_channels(op, *bn_bias, "bn_bias", u.Co, x_in);
   }
-  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
-                    ": running_mean and running_var must be given together or both be None");
-  if (running_mean) {
-    bn::check_channels(op, *running_mean, "running_mean", u.Co, x_in);
-    bn::check_channels(op, *running_var, "running_var", u.Co, x_in);
-  }
-  TORCH_CHECK_VALUE(training || running_mean, op,
-                    ": training is False but running_mean and running_var are None: eval mode normalises with them");
-  TORCH_CHECK_VALUE(!training || g.B * u.N() > 1, op, ": the BatchNorm output has shape (", g.B, ", ", u.Co, ", ",
-                    g.Ho, ", ", g.Wo, "), expected more than one value per channel to compute batch statistics");
-  TORCH_CHECK_VALUE(eps > 0, op, ": eps is ", eps, ", expected > 0");
+  bn::check_stats(op, x_in, running_mean, running_var, g.B, u.Co, g.Ho, g.Wo, training, eps);
 
   const at::ScalarType acc = at::toOpMathType(x_in.scalar_type());
   const at::TensorOptions acc_options = x_in.options().dtype(acc);

@@ -36,12 +36,7 @@ inline std::pair<int64_t, int64_t> valid_taps(int64_t o, int64_t stride, int64_t
 }
 
 PoolGeometry check_pool(const char* op, const at::Tensor& x, int64_t stride) {
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x has shape ", shape_str(x.sizes()), ", expected 4 dims [B, C, H, W]");
-  TORCH_CHECK(x.device().is_cpu(), op, ": x is on ", x.device(), ", this kernel runs on cpu");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
-                       x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-                   op, ": x has dtype ", dtype_str(x.scalar_type()),
-                   ", expected one of float32, float64, float16, bfloat16");
+  check_image(op, x);
   TORCH_CHECK_VALUE(stride == 1 || stride == 2, op, ": stride is ", stride, ", expected 1 or 2");
   TORCH_CHECK_VALUE(x.size(2) >= 1 && x.size(3) >= 1, op, ": x has shape ", shape_str(x.sizes()),
                     ", expected H and W >= 1");
@@ -182,17 +177,7 @@ Outputs pool_bn_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& run
                     double momentum, double eps) {
   const char* op = "pool_bn";
   const PoolGeometry g = check_pool(op, x_in, stride);
-  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
-                    ": running_mean and running_var must be given together or both be None");
-  if (running_mean) {
-    bn::check_channels(op, *running_mean, "running_mean", g.C, x_in);
-    bn::check_channels(op, *running_var, "running_var", g.C, x_in);
-  }
-  TORCH_CHECK_VALUE(training || running_mean, op,
-                    ": training is False but running_mean and running_var are None: eval mode normalises with them");
-  TORCH_CHECK_VALUE(!training || g.B * g.N() > 1, op, ": the BatchNorm input has shape (", g.B, ", ", g.C, ", ",
-                    g.Ho, ", ", g.Wo, "), expected more than one value per channel to compute batch statistics");
-  TORCH_CHECK_VALUE(eps > 0, op, ": eps is ", eps, ", expected > 0");
+  bn::check_stats(op, x_in, running_mean, running_var, g.B, g.C, g.Ho, g.Wo, training, eps);
   const at::ScalarType acc = at::toOpMathType(x_in.scalar_type());
   const at::TensorOptions acc_options = x_in.options().dtype(acc);
   const at::Tensor x = as_contiguous(x_in, acc);

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from fastdarts import backend
 from fastdarts.errors import UsageError
+from fastdarts.ops._batch_norm import check_pair, check_stats
 from fastdarts.ops.depthwise_conv import _output_shape, depthwise_conv_ref
 
 __all__ = ["dil_conv", "dil_conv_ref"]
@@ -48,21 +49,8 @@ def _check(
     if pw_weight.dtype != x.dtype:
         raise UsageError(f"{op}: pw_weight has dtype {pw_weight.dtype}, expected {x.dtype} like x")
     C_out = pw_weight.shape[0]
-    for pair in (
-        ("bn_weight", bn_weight, "bn_bias", bn_bias),
-        ("running_mean", running_mean, "running_var", running_var),
-    ):
-        if (pair[1] is None) != (pair[3] is None):
-            raise UsageError(f"{op}: {pair[0]} and {pair[2]} must be given together or both be None")
-        for name, t in (pair[:2], pair[2:]):
-            if t is not None and tuple(t.shape) != (C_out,):
-                raise UsageError(
-                    f"{op}: {name} has shape {tuple(t.shape)}, expected ({C_out},) for {C_out} output channels"
-                )
-    if not training and running_mean is None:
-        raise UsageError(
-            f"{op}: training is False but running_mean and running_var are None: eval mode normalises with them"
-        )
+    check_pair(op, ("bn_weight", "bn_bias"), (bn_weight, bn_bias), C_out)
+    check_stats(op, running_mean, running_var, C_out, training)
 
 
 def dil_conv_ref(

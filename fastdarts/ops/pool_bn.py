@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fastdarts import backend
 from fastdarts.errors import UsageError
+from fastdarts.ops._batch_norm import check_stats
 
 __all__ = ["POOLS", "pool_bn", "pool_bn_ref"]
 
@@ -39,18 +40,7 @@ def _check(
         raise UsageError(f"{op}: kind is {kind!r}, expected 'max' or 'avg'")
     if stride not in (1, 2):
         raise UsageError(f"{op}: stride is {stride}, expected 1 or 2")
-    C = x.shape[1]
-    if (running_mean is None) != (running_var is None):
-        raise UsageError(f"{op}: running_mean and running_var must be given together or both be None")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and tuple(t.shape) != (C,):
-            raise UsageError(
-                f"{op}: {name} has shape {tuple(t.shape)}, expected ({C},) for {C} output channels"
-            )
-    if not training and running_mean is None:
-        raise UsageError(
-            f"{op}: training is False but running_mean and running_var are None: eval mode normalises with them"
-        )
+    check_stats(op, running_mean, running_var, x.shape[1], training)
 
 
 def pool_bn_ref(
