@@ -138,9 +138,10 @@ _MALLOPT = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 512 << 20), (_M_T
 def tune_cpu_allocator() -> bool:
     """Makes glibc keep freed tensor memory for the next tensor instead of unmapping it, for this whole process.
 
-    PyTorch's CPU allocator is plain malloc: every tensor of more than 128 KiB (a 16x16x32x32 CIFAR cell state is
-    1 MiB) is mapped fresh and page-faulted in, then unmapped when freed; a search step allocates thousands of
-    them. On this project's 2-core machine half of a pooling kernel's time went to those page faults. This raises
+    PyTorch's CPU allocator is plain malloc, and glibc maps tensors of more than 128 KiB (a 16x16x32x32 CIFAR cell
+    state is 1 MiB) fresh, or returns freed heap to the OS, so that they are page-faulted in again (its thresholds
+    adapt to what was freed, but a search step's thousands of allocations keep hitting this). On this project's
+    2-core machine half of a pooling kernel's time went to those page faults. This raises
     glibc's mmap and trim thresholds (``mallopt``), as the ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
     environment variables would: it affects every allocation of the process (torch's and ours alike), holds on to
     up to 512 MiB of freed memory, and is what ``fastdarts search`` does at start. A no-op returning False where

@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <cmath>
 #include <optional>
@@ -69,6 +70,20 @@ inline void check_stats(const char* op, const at::Tensor& x, const std::optional
   TORCH_CHECK_VALUE(eps > 0, op, ": eps is ", eps, ", expected > 0");
 }
 
+// (1 - momentum) * running + momentum * batch, in the dtype of running (computed in double).
+inline at::Tensor moved_towards(const at::Tensor& running, const std::vector<double>& batch, double momentum) {
+  const at::Tensor old = running.contiguous();
+  at::Tensor moved = at::empty_like(old);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, old.scalar_type(), "batch_norm_running", [&] {
+    const scalar_t* o = old.const_data_ptr<scalar_t>();
+    scalar_t* m = moved.mutable_data_ptr<scalar_t>();
+    for (size_t c = 0; c < batch.size(); ++c) {
+      m[c] = static_cast<scalar_t>((1 - momentum) * static_cast<double>(o[c]) + momentum * batch[c]);
+    }
+  });
+  return moved;
+}
+
 // What the forward produces besides y: mean and invstd [C] (kept for the backward) and, when training with
 // running statistics, their new values (empty otherwise).
 struct Stats {
@@ -115,25 +130,8 @@ Stats forward(const T* p, T* y, int64_t B, int64_t C, int64_t N, const std::opti
       batch_var_unbiased[c] = m2 / (count - 1);
     }
     if (running_mean) {
-      s.new_mean = at::empty({C}, running_mean->options());
-      s.new_var = at::empty({C}, running_var->options());
-      const at::Tensor rm = running_mean->contiguous(), rv = running_var->contiguous();
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rm.scalar_type(), "batch_norm_running", [&] {
-        const scalar_t* old_mean = rm.const_data_ptr<scalar_t>();
-        scalar_t* new_mean = s.new_mean.mutable_data_ptr<scalar_t>();
-        for (int64_t c = 0; c < C; ++c) {
-          new_mean[c] = static_cast<scalar_t>((1 - momentum) * static_cast<double>(old_mean[c]) +
-                                              momentum * batch_mean[c]);
-        }
-      });
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rv.scalar_type(), "batch_norm_running", [&] {
-        const scalar_t* old_var = rv.const_data_ptr<scalar_t>();
-        scalar_t* new_var = s.new_var.mutable_data_ptr<scalar_t>();
-        for (int64_t c = 0; c < C; ++c) {
-          new_var[c] = static_cast<scalar_t>((1 - momentum) * static_cast<double>(old_var[c]) +
-                                             momentum * batch_var_unbiased[c]);
-        }
-      });
+      s.new_mean = moved_towards(*running_mean, batch_mean, momentum);
+      s.new_var = moved_towards(*running_var, batch_var_unbiased, momentum);
     }
   } else {
     const at::Tensor rm = as_contiguous(*running_mean, acc_options.dtype().toScalarType());

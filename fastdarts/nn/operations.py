@@ -136,9 +136,11 @@ class PoolBN(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         kind = self._kind()
-        stride = self[0].stride if isinstance(self[0].stride, int) else self[0].stride[0]
-        if kind is None or stride not in (1, 2):
+        s = self[0].stride
+        pair = (s, s) if isinstance(s, int) else tuple(s)
+        if kind is None or pair not in ((1, 1), (2, 2)):  # the kernel takes square strides 1 and 2
             return super().forward(x)
+        stride = pair[0]
         bn = self[1]
         running_mean, running_var, training, momentum = _bn_call(bn)
         return ops.pool_bn(x, kind, stride, running_mean, running_var, training, momentum, bn.eps)

@@ -1,5 +1,6 @@
 """Input checks shared by the ops that end in a BatchNorm (dil_conv, pool_bn); mirrors csrc/ops/batch_norm.h."""
 
+import torch
 from torch import Tensor
 
 from fastdarts.errors import UsageError
@@ -25,3 +26,10 @@ def check_stats(
         raise UsageError(
             f"{op}: training is False but running_mean and running_var are None: eval mode normalises with them"
         )
+
+
+def copy_running(running: tuple[Tensor | None, Tensor | None], new: tuple[Tensor, Tensor], training: bool) -> None:
+    """Copies a kernel's new running statistics into the module's buffers (when training with them)."""
+    if training and running[0] is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(list(running), list(new))

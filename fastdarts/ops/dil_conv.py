@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fastdarts import backend
 from fastdarts.errors import UsageError
-from fastdarts.ops._batch_norm import check_pair, check_stats
+from fastdarts.ops._batch_norm import check_pair, check_stats, copy_running
 from fastdarts.ops.depthwise_conv import _output_shape, depthwise_conv_ref
 
 __all__ = ["dil_conv", "dil_conv_ref"]
@@ -129,9 +129,7 @@ def dil_conv(
         x, dw_weight, pw_weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
         training, momentum, eps,
     )  # fmt: skip
-    if training and running_mean is not None:
-        with torch.no_grad():
-            torch._foreach_copy_([running_mean, running_var], [new_mean, new_var])
+    copy_running((running_mean, running_var), (new_mean, new_var), training)
     return y
 
 
@@ -184,10 +182,7 @@ class _DilConv(torch.autograd.Function):
 def _register() -> None:
     def fake(x, dw_weight, pw_weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
              training, momentum, eps):  # fmt: skip
-        B, C, H, W = x.shape
-        k = dw_weight.shape[-1]
-        span = dilation * (k - 1) + 1
-        Ho, Wo = (H + 2 * padding - span) // stride + 1, (W + 2 * padding - span) // stride + 1
+        B, C, Ho, Wo = _output_shape("dil_conv", x, dw_weight, stride, padding, dilation, weight_name="dw_weight")
         C_out = pw_weight.shape[0]
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         update = training and running_mean is not None

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from fastdarts import backend
 from fastdarts.errors import UsageError
-from fastdarts.ops._batch_norm import check_stats
+from fastdarts.ops._batch_norm import check_stats, copy_running
 
 __all__ = ["POOLS", "pool_bn", "pool_bn_ref"]
 
@@ -102,9 +102,7 @@ def pool_bn(
     y, *_, new_mean, new_var = _PoolBN.apply(
         x, running_mean, running_var, kind == "max", stride, training, momentum, eps
     )
-    if training and running_mean is not None:
-        with torch.no_grad():
-            torch._foreach_copy_([running_mean, running_var], [new_mean, new_var])
+    copy_running((running_mean, running_var), (new_mean, new_var), training)
     return y
 
 

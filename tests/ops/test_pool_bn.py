@@ -166,11 +166,12 @@ def test_module_keeps_batchnorm_semantics(name, stride):
 
 
 def test_module_runs_other_pools_as_modules():
-    # not DARTS' pooling (affine BatchNorm, another kernel size): the modules run as they are
+    # not DARTS' pooling (affine BatchNorm, another kernel size, unequal strides): the modules run as they are
     with mock.patch.object(torch.ops.fastdarts_C, "pool_bn") as kernel:
         for m in (
             PoolBN(nn.MaxPool2d(3, 1, 1), nn.BatchNorm2d(4, affine=True)),
             PoolBN(nn.AvgPool2d(5, 1, 2, count_include_pad=False), nn.BatchNorm2d(4, affine=False)),
+            PoolBN(nn.MaxPool2d(3, (2, 1), 1), nn.BatchNorm2d(4, affine=False)),
         ):
             x = torch.randn(2, 4, 6, 6)
             torch.testing.assert_close(m(x), m[1](m[0](x)))
