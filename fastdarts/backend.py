@@ -19,7 +19,15 @@ import torch
 
 from fastdarts.errors import UsageError
 
-__all__ = ["BACKENDS", "extension_loaded", "get_backend", "info", "kernel_live", "set_backend", "tune_cpu_allocator"]
+__all__ = [
+    "BACKENDS",
+    "extension_loaded",
+    "get_backend",
+    "info",
+    "kernel_live",
+    "set_backend",
+    "tune_cpu_allocator",
+]
 
 logger = logging.getLogger(__name__)
 

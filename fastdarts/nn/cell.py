@@ -28,16 +28,17 @@ class MixedOp(nn.Module):
 
     def __init__(self, C: int, stride: int, primitives: Sequence[str], affine: bool = False):
         super().__init__()
-        self._ops = nn.ModuleList()
-        for name in primitives:
-            op = OPS[name](C, stride, affine)
-            if "pool" in name:
-                op = PoolBN(op, nn.BatchNorm2d(C, affine=False))
-            self._ops.append(op)
+        self._ops = nn.ModuleList(self.make_op(name, C, stride, affine) for name in primitives)
         self._live = [k for k, name in enumerate(primitives) if name != "none"]
         # the live weights as a slice (a view) when they are a run, as in DARTS where `none` comes first
         runs = self._live == list(range(self._live[0], self._live[-1] + 1)) if self._live else False
         self._live_slice = slice(self._live[0], self._live[-1] + 1) if runs else None
+
+    @staticmethod
+    def make_op(name: str, C: int, stride: int, affine: bool) -> nn.Module:
+        """The candidate `name` (a code base with other module names overrides this)."""
+        op = OPS[name](C, stride, affine)
+        return PoolBN(op, nn.BatchNorm2d(C, affine=False)) if "pool" in name else op
 
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         """Mix the candidates. x: [B, C, H, W]; weights: [K] for K primitives. Returns [B, C, H/s, W/s]."""
@@ -87,7 +88,12 @@ class Cell(nn.Module):
         for i in range(steps):
             for j in range(2 + i):
                 stride = 2 if reduction and j < 2 else 1
-                self._ops.append(MixedOp(C, stride, primitives, affine))
+                self._ops.append(self.make_edge(C, stride, primitives, affine))
+
+    @staticmethod
+    def make_edge(C: int, stride: int, primitives: Sequence[str], affine: bool) -> nn.Module:
+        """The mixed op of one edge (a variant such as PC-DARTS' partial channels overrides this)."""
+        return MixedOp(C, stride, primitives, affine)
 
     def forward(self, s0: Tensor, s1: Tensor, weights: Tensor) -> Tensor:
         """s0, s1: the two previous cells' outputs; weights: [num_edges, K] softmaxed alphas."""

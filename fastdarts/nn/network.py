@@ -51,10 +51,7 @@ class SearchNetwork(nn.Module):
             reduction = i in reductions
             if reduction:
                 C_curr *= 2
-            cell = Cell(
-                space.steps, space.multiplier, C_prev_prev, C_prev, C_curr,
-                reduction, reduction_prev, space.primitives, space.affine,
-            )  # fmt: skip
+            cell = self.make_cell(C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
             self.cells.append(cell)
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, space.multiplier * C_curr
@@ -63,6 +60,13 @@ class SearchNetwork(nn.Module):
         shape = (space.num_edges, len(space.primitives))
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(shape))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(shape))
+
+    def make_cell(self, C_prev_prev: int, C_prev: int, C: int, reduction: bool, reduction_prev: bool) -> Cell:
+        """One cell of the space (a variant such as PC-DARTS overrides this)."""
+        s = self.space
+        return Cell(
+            s.steps, s.multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, s.primitives, s.affine
+        )
 
     def arch_parameters(self) -> list[nn.Parameter]:
         """The architecture parameters [alphas_normal, alphas_reduce]."""
@@ -87,6 +91,10 @@ class SearchNetwork(nn.Module):
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 
+    def criterion(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The training loss of logits [B, num_classes] against target [B]: mean cross-entropy."""
+        return F.cross_entropy(logits, target)
+
     def loss(self, x: Tensor, target: Tensor) -> Tensor:
-        """Mean cross-entropy of the logits for x against target [B]."""
-        return F.cross_entropy(self(x), target)
+        """The criterion of the logits for x against target [B]."""
+        return self.criterion(self(x), target)

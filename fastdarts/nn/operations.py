@@ -73,9 +73,15 @@ class DilConv(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if type(self.op[0]) is not nn.ReLU:  # a swapped-in activation: run the modules as they are
-            return self.op(x)
-        return _dil_conv_unit(x, *self.op[1:])
+        return dil_conv_block(self.op, x)
+
+
+def dil_conv_block(block: nn.Sequential, x: Tensor) -> Tensor:
+    """Run ``block`` = (ReLU, depthwise conv, pointwise conv, BatchNorm) as one fused unit, or as the modules
+    themselves when its activation was swapped for another."""
+    if type(block[0]) is not nn.ReLU:
+        return block(x)
+    return _dil_conv_unit(x, *block[1:])
 
 
 class SepConv(nn.Module):
@@ -118,32 +124,40 @@ def _bn_call(bn: nn.BatchNorm2d) -> tuple:
 
 class PoolBN(nn.Sequential):
     """A DARTS pooling candidate: ``nn.Sequential(pool, nn.BatchNorm2d(C, affine=False))`` (so its state_dict keys are
-    ``0.*`` / ``1.*`` as in DARTS' MixedOp), computed by one :func:`fastdarts.ops.pool_bn` call when it has DARTS'
-    shape (3x3, padding 1, average without the padding, BatchNorm without affine)."""
+    ``0.*`` / ``1.*`` as in DARTS' MixedOp), computed by :func:`pool_bn_block`."""
 
     def __init__(self, pool: nn.Module, bn: nn.BatchNorm2d):
         super().__init__(pool, bn)
 
-    def _kind(self) -> str | None:
-        pool, bn = self[0], self[1]
-        if bn.affine or pool.kernel_size not in (3, (3, 3)) or pool.padding not in (1, (1, 1)):
-            return None
-        if type(pool) is nn.MaxPool2d and pool.dilation in (1, (1, 1)) and not pool.ceil_mode:
-            return "max"
-        if type(pool) is nn.AvgPool2d and not pool.count_include_pad and not pool.ceil_mode:
-            return "avg" if pool.divisor_override is None else None
-        return None
-
     def forward(self, x: Tensor) -> Tensor:
-        kind = self._kind()
-        s = self[0].stride
-        pair = (s, s) if isinstance(s, int) else tuple(s)
-        if kind is None or pair not in ((1, 1), (2, 2)):  # the kernel takes square strides 1 and 2
-            return super().forward(x)
-        stride = pair[0]
-        bn = self[1]
-        running_mean, running_var, training, momentum = _bn_call(bn)
-        return ops.pool_bn(x, kind, stride, running_mean, running_var, training, momentum, bn.eps)
+        return pool_bn_block(self[0], self[1], x)
+
+
+def _pool_kind(pool: nn.Module, bn: nn.BatchNorm2d) -> str | None:
+    """ "max" or "avg" when pool -> bn has the shape :func:`fastdarts.ops.pool_bn` computes (3x3, padding 1,
+    average without the padding, BatchNorm without affine), else None."""
+    if type(pool) not in (nn.MaxPool2d, nn.AvgPool2d):
+        return None
+    if bn.affine or pool.kernel_size not in (3, (3, 3)) or pool.padding not in (1, (1, 1)):
+        return None
+    if type(pool) is nn.MaxPool2d and pool.dilation in (1, (1, 1)) and not pool.ceil_mode:
+        return "max"
+    if type(pool) is nn.AvgPool2d and not pool.count_include_pad and not pool.ceil_mode:
+        return "avg" if pool.divisor_override is None else None
+    return None
+
+
+def pool_bn_block(pool: nn.Module, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """``bn(pool(x))`` as one :func:`fastdarts.ops.pool_bn` call when it has DARTS' shape, else the modules."""
+    kind = _pool_kind(pool, bn)
+    if kind is None:
+        return bn(pool(x))
+    s = pool.stride
+    pair = (s, s) if isinstance(s, int) else tuple(s)
+    if pair not in ((1, 1), (2, 2)):  # the kernel takes square strides 1 and 2
+        return bn(pool(x))
+    running_mean, running_var, training, momentum = _bn_call(bn)
+    return ops.pool_bn(x, kind, pair[0], running_mean, running_var, training, momentum, bn.eps)
 
 
 class Identity(nn.Module):
@@ -197,4 +211,10 @@ OPS: dict[str, OpFactory] = {
     "sep_conv_7x7": lambda C, stride, affine: SepConv(C, C, 7, stride, 3, affine),
     "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine),
     "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine),
+    "conv_7x1_1x7": lambda C, stride, affine: nn.Sequential(
+        nn.ReLU(inplace=False),
+        nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
+        nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
+        nn.BatchNorm2d(C, affine=affine),
+    ),
 }

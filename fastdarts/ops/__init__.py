@@ -6,4 +6,13 @@ from fastdarts.ops.dil_conv import dil_conv, dil_conv_ref
 from fastdarts.ops.mixed_op import mixed_op, mixed_op_ref
 from fastdarts.ops.pool_bn import pool_bn, pool_bn_ref
 
-__all__ = ["depthwise_conv", "depthwise_conv_ref", "dil_conv", "dil_conv_ref", "mixed_op", "mixed_op_ref", "pool_bn", "pool_bn_ref"]
+__all__ = [
+    "depthwise_conv",
+    "depthwise_conv_ref",
+    "dil_conv",
+    "dil_conv_ref",
+    "mixed_op",
+    "mixed_op_ref",
+    "pool_bn",
+    "pool_bn_ref",
+]

@@ -28,7 +28,9 @@ def check_stats(
         )
 
 
-def copy_running(running: tuple[Tensor | None, Tensor | None], new: tuple[Tensor, Tensor], training: bool) -> None:
+def copy_running(
+    running: tuple[Tensor | None, Tensor | None], new: tuple[Tensor, Tensor], training: bool
+) -> None:
     """Copies a kernel's new running statistics into the module's buffers (when training with them)."""
     if training and running[0] is not None:
         with torch.no_grad():

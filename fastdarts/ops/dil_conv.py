@@ -182,7 +182,9 @@ class _DilConv(torch.autograd.Function):
 def _register() -> None:
     def fake(x, dw_weight, pw_weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
              training, momentum, eps):  # fmt: skip
-        B, C, Ho, Wo = _output_shape("dil_conv", x, dw_weight, stride, padding, dilation, weight_name="dw_weight")
+        B, C, Ho, Wo = _output_shape(
+            "dil_conv", x, dw_weight, stride, padding, dilation, weight_name="dw_weight"
+        )
         C_out = pw_weight.shape[0]
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         update = training and running_mean is not None

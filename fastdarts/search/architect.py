@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
@@ -140,7 +139,7 @@ class Architect:
 
     def _loss_at(self, names: Sequence[str], weights: Sequence[Tensor], buffers: dict, x: Tensor, y: Tensor):
         logits = functional_call(self.model, (dict(zip(names, weights)), buffers), (x,))
-        return F.cross_entropy(logits, y)
+        return self.model.criterion(logits, y)
 
     def _unrolled_grads(self, x_train, y_train, x_val, y_val, eta, network_optimizer):
         exact = self.config.hvp == "exact"

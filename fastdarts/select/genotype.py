@@ -26,8 +26,8 @@ class Genotype(NamedTuple):
     reduce_concat: list[int]
 
     def to_json(self) -> str:
-        """The genotype as JSON (pairs as 2-element lists)."""
-        return json.dumps(self._asdict(), indent=2)
+        """The genotype as JSON (pairs as 2-element lists, the concat ranges as lists)."""
+        return json.dumps({k: list(v) for k, v in self._asdict().items()}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> Genotype:

@@ -1,0 +1,144 @@
+"""quark0/darts (``cnn/model_search.py``, ``operations.py``, ``architect.py``) on fastdarts.
+
+Change the imports of a DARTS search script::
+
+    from fastdarts.compat.darts import Architect, Network
+
+or patch only the mixed op of the original code base (``model_search.MixedOp = fastdarts.compat.darts.MixedOp``)
+before building the network. Parameter and buffer names and shapes are the original's, so ``weights.pt`` files
+saved by either load into the other. As in the original, the alphas are plain tensors, not parameters: they
+are not in ``parameters()`` or the state_dict; ``.to()``, ``.cuda()`` and ``.double()`` move them in place.
+
+One deliberate difference: the second-order step evaluates the unrolled and perturbed weights without touching
+the model's BatchNorm running statistics (the original updates them on each of those three extra passes);
+gradients are the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from fastdarts.nn import cell as _cell
+from fastdarts.nn import network as _network
+from fastdarts.nn.operations import OPS as _OPS
+from fastdarts.search import architect as _architect
+from fastdarts.select.genotype import Genotype, parse_cell
+from fastdarts.spaces import DARTS, SearchSpace
+
+PRIMITIVES = list(DARTS.primitives)
+OPS = _OPS
+
+__all__ = ["OPS", "PRIMITIVES", "Architect", "Cell", "Genotype", "MixedOp", "Network"]
+
+
+class MixedOp(_cell.MixedOp):
+    """``MixedOp(C, stride)`` of DARTS: every primitive of PRIMITIVES, BatchNorm without affine."""
+
+    def __init__(self, C: int, stride: int):
+        super().__init__(C, stride, PRIMITIVES, affine=False)
+
+
+class Cell(_cell.Cell):
+    """``Cell(steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev)`` of DARTS."""
+
+    def __init__(
+        self, steps: int, multiplier: int, C_prev_prev: int, C_prev: int, C: int, reduction: bool,
+        reduction_prev: bool,
+    ):  # fmt: skip
+        super().__init__(
+            steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, PRIMITIVES, affine=False
+        )
+
+
+class Network(_network.SearchNetwork):
+    """``Network(C, num_classes, layers, criterion, steps=4, multiplier=4, stem_multiplier=3)`` of DARTS.
+
+    ``forward(input)`` -> logits, ``_loss(input, target)``, ``arch_parameters()``, ``new()``, ``genotype()``.
+    """
+
+    def __init__(
+        self,
+        C: int,
+        num_classes: int,
+        layers: int,
+        criterion: Callable[[Tensor, Tensor], Tensor],
+        steps: int = 4,
+        multiplier: int = 4,
+        stem_multiplier: int = 3,
+    ):
+        space = SearchSpace("darts", tuple(PRIMITIVES), steps, multiplier, stem_multiplier, affine=False)
+        super().__init__(C, num_classes, layers, space, in_channels=3)
+        self._C, self._num_classes, self._steps, self._multiplier = C, num_classes, steps, multiplier
+        self._criterion = criterion
+        # plain leaf tensors, as in the original: outside parameters() and the state_dict
+        normal, reduce = self.alphas_normal.detach(), self.alphas_reduce.detach()
+        del self.alphas_normal, self.alphas_reduce
+        self.alphas_normal = normal.requires_grad_()
+        self.alphas_reduce = reduce.requires_grad_()
+        self._arch_parameters = [self.alphas_normal, self.alphas_reduce]
+
+    def arch_parameters(self) -> list[Tensor]:
+        """[alphas_normal, alphas_reduce], each [num_edges, len(PRIMITIVES)]."""
+        return self._arch_parameters
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for a in self._arch_parameters:  # in place, so an optimiser holding them keeps working
+            a.data = fn(a.data)
+        return self
+
+    def criterion(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The ``criterion`` given to the constructor."""
+        return self._criterion(logits, target)
+
+    def _loss(self, input: Tensor, target: Tensor) -> Tensor:
+        return self.loss(input, target)
+
+    def new(self) -> Network:
+        """A fresh network of the same shape (new weights) with a copy of these alphas, on their device and dtype."""
+        space = self.space
+        model = type(self)(
+            self._C, self._num_classes, self._layers, self._criterion, space.steps, space.multiplier,
+            space.stem_multiplier,
+        ).to(self.alphas_normal)  # fmt: skip
+        with torch.no_grad():
+            for new, old in zip(model.arch_parameters(), self.arch_parameters()):
+                new.copy_(old)
+        return model
+
+    def genotype(self) -> Genotype:
+        """The DARTS genotype: per node the two strongest edges by their best non-`none` softmax weight."""
+        concat = range(2 + self._steps - self._multiplier, self._steps + 2)
+        normal, reduce = (
+            parse_cell(torch.softmax(a.detach(), dim=-1), PRIMITIVES, self._steps)
+            for a in self._arch_parameters
+        )
+        return Genotype(normal=normal, normal_concat=concat, reduce=reduce, reduce_concat=concat)
+
+
+class Architect(_architect.Architect):
+    """``Architect(model, args)`` of DARTS: Adam on the alphas (lr ``args.arch_learning_rate``, betas (0.5, 0.999),
+    weight decay ``args.arch_weight_decay``); the unrolled step uses ``args.momentum`` and ``args.weight_decay``.
+    The Hessian-vector product is the central finite difference of DARTS (radius 0.01 / ||v||)."""
+
+    def __init__(self, model: Network, args):
+        config = _architect.ArchitectConfig(lr=args.arch_learning_rate, weight_decay=args.arch_weight_decay)
+        super().__init__(model, config, args.momentum, args.weight_decay)
+
+    def step(
+        self,
+        input_train: Tensor,
+        target_train: Tensor,
+        input_valid: Tensor,
+        target_valid: Tensor,
+        eta: float,
+        network_optimizer: torch.optim.Optimizer,
+        unrolled: bool,
+    ) -> Tensor:
+        """One Adam step on the alphas, second order when ``unrolled`` (eta: the weight learning rate)."""
+        self.config = replace(self.config, order="second" if unrolled else "first")
+        return super().step(input_train, target_train, input_valid, target_valid, eta, network_optimizer)

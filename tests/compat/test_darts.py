@@ -1,0 +1,176 @@
+"""fastdarts.compat.darts and .pcdarts (its PC-DARTS descendant) against plain oracles of quark0/darts and
+yuhuixu1993/PC-DARTS (tests/compat/originals.py): the same names, shapes and initial weights, state_dicts
+loading both ways, the same outputs and gradients, the same architecture step and genotype."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import fastdarts
+from fastdarts.compat import darts, pcdarts
+from tests.compat import originals
+from tests.helpers import batch
+
+ARGS = SimpleNamespace(momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-4, arch_weight_decay=1e-3)
+
+
+PAIRS = {"darts": (darts, originals.DartsNetwork), "pcdarts": (pcdarts, originals.PcNetwork)}
+ARCH = ["alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce"]
+
+
+@pytest.fixture(params=list(PAIRS))
+def base(request):
+    """The code base under test: "darts" or "pcdarts"."""
+    return request.param
+
+
+def build(base="darts", seed=0, dtype=torch.float32):
+    """The compat network and the oracle from the same seed (3 cells, C=4), arch tensors spread out."""
+    compat, oracle = PAIRS[base]
+    models = []
+    for cls in (compat.Network, oracle):
+        torch.manual_seed(seed)
+        models.append(cls(4, 5, 3, nn.CrossEntropyLoss()).to(dtype))
+    orig = models[1]  # the original's arch tensors are plain tensors that .to() does not move
+    for name, a in zip(ARCH, orig.arch_parameters()):
+        setattr(orig, name, a.detach().to(dtype).requires_grad_())
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for a, b in zip(models[0].arch_parameters(), orig.arch_parameters(), strict=True):
+            a.copy_(0.5 * torch.randn(a.shape, generator=g, dtype=dtype))
+            b.copy_(a)
+    return models
+
+
+def test_names_shapes_and_initial_weights_are_the_originals(base):
+    ours, orig = build(base)
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
+        (k, v.shape) for k, v in orig.state_dict().items()
+    ]
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in orig.named_parameters()]
+    for (k, a), b in zip(ours.state_dict().items(), orig.state_dict().values()):
+        assert torch.equal(a, b), k
+    alphas = {id(a) for a in ours.arch_parameters()}
+    assert not alphas & {id(p) for p in ours.parameters()}
+    assert not set(ARCH) & set(ours.state_dict())
+
+
+def test_state_dict_loads_both_ways(base):
+    ours, orig = build(base)
+    x, y = batch()
+    orig._loss(x, y).backward()  # moves the running statistics away from their initial values
+    ours.load_state_dict(orig.state_dict())
+    fresh = build(base, seed=5)[1]
+    fresh.load_state_dict(ours.state_dict())
+    loaded = fresh.state_dict()
+    for k, v in orig.state_dict().items():
+        assert torch.equal(loaded[k], v), k
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_outputs_and_gradients_match_the_original_in_fp32(base, train):
+    ours, orig = build(base)
+    ours.train(train), orig.train(train)
+    x, y = batch()
+    lo, lr = ours._loss(x, y), orig._loss(x, y)
+    torch.testing.assert_close(lo, lr, rtol=1e-5, atol=1e-5)
+    lo.backward(), lr.backward()
+    named = dict(orig.named_parameters())
+    for n, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, named[n].grad, rtol=1e-5, atol=1e-5, msg=n)
+    for a, b in zip(ours.arch_parameters(), orig.arch_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    state = ours.state_dict()
+    for k, v in orig.state_dict().items():  # running statistics after the forward
+        torch.testing.assert_close(state[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _sgd_with_momentum(model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=ARGS.momentum, weight_decay=ARGS.weight_decay)
+    model._loss(x, y).backward()
+    opt.step()
+    opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_architect_step_matches_the_original_in_fp64(base, unrolled):
+    ours, orig = build(base, dtype=torch.float64)
+    x, y = batch(dtype=torch.float64)
+    xv, yv = batch(dtype=torch.float64, seed=3)
+    opt_ours, opt_orig = _sgd_with_momentum(ours, x, y), _sgd_with_momentum(orig, x, y)
+    PAIRS[base][0].Architect(ours, ARGS).step(x, y, xv, yv, 0.1, opt_ours, unrolled)
+    grads = originals.darts_arch_grads(
+        orig, x, y, xv, yv, 0.1, opt_orig, unrolled, ARGS.momentum, ARGS.weight_decay
+    )
+    adam = torch.optim.Adam(orig.arch_parameters(), lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+    for a, g in zip(orig.arch_parameters(), grads):
+        a.grad = g
+    adam.step()
+    for a, b, before in zip(
+        ours.arch_parameters(), orig.arch_parameters(), build(base, dtype=torch.float64)[0].arch_parameters()
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+        assert not torch.equal(a, before)  # it did step
+    for (n, p), q in zip(ours.named_parameters(), orig.parameters()):  # the weights are left where they were
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=n)
+
+
+def test_patching_only_the_mixed_op_of_the_original(monkeypatch):
+    _, plain = build()
+    monkeypatch.setattr(originals, "MixedOp", darts.MixedOp)
+    _, patched = build()
+    assert any(isinstance(m, darts.MixedOp) for m in patched.modules())
+    assert list(patched.state_dict()) == list(plain.state_dict())
+    patched.load_state_dict(plain.state_dict())
+    x, y = batch()
+    lp, lo = patched._loss(x, y), plain._loss(x, y)
+    torch.testing.assert_close(lp, lo, rtol=1e-5, atol=1e-5)
+    lp.backward(), lo.backward()
+    for a, b in zip(patched.arch_parameters(), plain.arch_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_genotype_is_the_originals(base):
+    for seed in range(5):
+        ours, orig = build(base, seed)
+        assert tuple(ours.genotype()) == orig.genotype()
+    assert ours.genotype().normal_concat == range(2, 6)
+
+
+def test_new_copies_the_alphas_into_fresh_weights(base):
+    ours, _ = build(base)
+    new = ours.new()
+    for a, b in zip(new.arch_parameters(), ours.arch_parameters()):
+        assert torch.equal(a, b) and a is not b and a.requires_grad
+    assert type(new) is type(ours)
+    assert not torch.equal(new.stem[0].weight, ours.stem[0].weight)
+
+
+def test_moving_the_network_moves_the_alphas_in_place(base):
+    ours, _ = build(base)
+    architect = PAIRS[base][0].Architect(ours, ARGS)
+    alphas = list(ours.arch_parameters())
+    ours.double()
+    assert len(alphas) == len(architect.optimizer.param_groups[0]["params"])
+    assert all(a.dtype == torch.float64 and a.is_leaf and a.requires_grad for a in ours.arch_parameters())
+    assert [id(a) for a in ours.arch_parameters()] == [id(a) for a in alphas]
+    assert architect.optimizer.param_groups[0]["params"][0] is ours.alphas_normal
+    x, y = batch(dtype=torch.float64)
+    architect.step(x, y, x, y, 0.1, torch.optim.SGD(ours.parameters(), lr=0.1), unrolled=False)
+    assert ours.alphas_normal.dtype == torch.float64
+
+
+def test_the_fused_kernels_run_under_the_compat_modules(base):
+    if not fastdarts.backend.extension_loaded():
+        pytest.skip("the compiled extension is not built")
+    ours, _ = build(base)
+    x, _ = batch()
+    with torch.profiler.profile() as prof:
+        ours(x)
+    names = {e.name for e in prof.events()}
+    assert {"_DilConv", "_PoolBN", "_MixedOp"} <= names, sorted(
+        names
+    )  # the autograd Functions of the kernels
