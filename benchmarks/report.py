@@ -1,4 +1,5 @@
-"""Print the ratio of every benchmark group in a pytest-benchmark JSON file: reference median / fastdarts median.
+"""Print the ratio of every benchmark group in a pytest-benchmark JSON file: reference median / fastdarts median
+(the reference: the pure-PyTorch backend, or the plain oracle of an original code base in bench_compat).
 
 python benchmarks/report.py benchmarks/results/<name>.json
 """
@@ -17,7 +18,8 @@ def main(path: str) -> None:
     groups: dict[str, dict[str, float]] = {}
     for bench in data["benchmarks"]:
         params = bench["params"]
-        side = "reference" if "reference" in (params.get("impl"), params.get("backend_name")) else "fastdarts"
+        baseline = {"reference", "original"} & {params.get("impl"), params.get("backend_name")}
+        side = "reference" if baseline else "fastdarts"
         groups.setdefault(bench["group"], {})[side] = bench["stats"]["median"]
     for group, sides in groups.items():
         if len(sides) == 2:
