@@ -29,17 +29,9 @@ from torch import Tensor, nn
 from fastdarts.nn import cell as _cell
 from fastdarts.nn.operations import Identity, Zero, dil_conv_block, pool_bn_block
 from fastdarts.search import architect as _architect
+from fastdarts.spaces import DARTS
 
-PRIMITIVES = [
-    "max_pool_3x3",
-    "avg_pool_3x3",
-    "skip_connect",
-    "sep_conv_3x3",
-    "sep_conv_5x5",
-    "dil_conv_3x3",
-    "dil_conv_5x5",
-    "none",
-]
+PRIMITIVES = [*DARTS.primitives[1:], "none"]  # DARTS' primitives with `none` moved last
 
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
 
