@@ -27,16 +27,13 @@ LR = 0.025
 
 
 def _darts_like(base, impl):
-    compat = {"darts": darts, "pcdarts": pcdarts}[base]
-    model = (
-        compat.Network
-        if impl == "fastdarts"
-        else {"darts": originals.DartsNetwork, "pcdarts": originals.PcNetwork}[base]
-    )(16, 10, 8, nn.CrossEntropyLoss()).to(DEVICE)
+    compat, oracle = {"darts": (darts, originals.DartsNetwork), "pcdarts": (pcdarts, originals.PcNetwork)}[
+        base
+    ]
+    model = (compat.Network if impl == "fastdarts" else oracle)(16, 10, 8, nn.CrossEntropyLoss()).to(DEVICE)
     if impl != "fastdarts":  # the original's arch tensors are created on the GPU; .to() does not move them
-        for name, a in zip(
-            ["alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce"], model.arch_parameters()
-        ):
+        names = ["alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce"]
+        for name, a in zip(names, model.arch_parameters()):
             setattr(model, name, a.detach().to(DEVICE).requires_grad_())
     optimizer = torch.optim.SGD(
         model.parameters(), LR, momentum=ARGS.momentum, weight_decay=ARGS.weight_decay

@@ -26,7 +26,7 @@ from fastdarts.nn import cell as _cell
 from fastdarts.nn import network as _network
 from fastdarts.nn.operations import OPS as _OPS
 from fastdarts.search import architect as _architect
-from fastdarts.select.genotype import Genotype, parse_cell
+from fastdarts.select.genotype import Genotype, derive_genotype
 from fastdarts.spaces import DARTS, SearchSpace
 
 PRIMITIVES = list(DARTS.primitives)
@@ -112,12 +112,12 @@ class Network(_network.SearchNetwork):
 
     def genotype(self) -> Genotype:
         """The DARTS genotype: per node the two strongest edges by their best non-`none` softmax weight."""
+        return self._range_concat(derive_genotype(self.alphas_normal, self.alphas_reduce, self.space))
+
+    def _range_concat(self, genotype: Genotype) -> Genotype:
+        """The genotype with its concat as a ``range``, as the original prints and compares it."""
         concat = range(2 + self._steps - self._multiplier, self._steps + 2)
-        normal, reduce = (
-            parse_cell(torch.softmax(a.detach(), dim=-1), PRIMITIVES, self._steps)
-            for a in self._arch_parameters
-        )
-        return Genotype(normal=normal, normal_concat=concat, reduce=reduce, reduce_concat=concat)
+        return genotype._replace(normal_concat=concat, reduce_concat=concat)
 
 
 class Architect(_architect.Architect):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from fastdarts.compat import darts
 from fastdarts.compat.darts import OPS, PRIMITIVES, Architect
 from fastdarts.nn import cell as _cell
-from fastdarts.select.genotype import Genotype, parse_cell
+from fastdarts.select.genotype import Genotype, derive_genotype
 
 __all__ = ["OPS", "PRIMITIVES", "Architect", "Cell", "Genotype", "MixedOp", "Network", "channel_shuffle"]
 
@@ -96,21 +96,13 @@ class Network(darts.Network):
         sizes = [2 + i for i in range(self.space.steps)]
         return torch.cat([F.softmax(b, dim=-1) for b in betas.split(sizes)])
 
-    def forward(self, input: Tensor) -> Tensor:
-        weights = {
-            False: (F.softmax(self.alphas_normal, dim=-1), self.edge_weights(self.betas_normal)),
-            True: (F.softmax(self.alphas_reduce, dim=-1), self.edge_weights(self.betas_reduce)),
-        }
-        s0 = s1 = self.stem(input)
-        for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, *weights[cell.reduction])
-        return self.classifier(self.global_pooling(s1).flatten(1))
+    def cell_weights(self) -> dict[bool, tuple[Tensor, Tensor]]:
+        """(op weights, edge weights) of normal (False) and reduction (True) cells."""
+        weights = super().cell_weights()
+        betas = {False: self.betas_normal, True: self.betas_reduce}
+        return {r: (*weights[r], self.edge_weights(betas[r])) for r in (False, True)}
 
     def genotype(self) -> Genotype:
-        """Per node the two edges with the largest beta weight x best non-`none` op weight, each with that op."""
-        concat = range(2 + self._steps - self._multiplier, self._steps + 2)
-        normal, reduce = (
-            parse_cell(F.softmax(a.detach(), dim=-1), PRIMITIVES, self._steps, self.edge_weights(b.detach()))
-            for a, b in ((self.alphas_normal, self.betas_normal), (self.alphas_reduce, self.betas_reduce))
-        )
-        return Genotype(normal=normal, normal_concat=concat, reduce=reduce, reduce_concat=concat)
+        """Per node the two edges with the largest edge weight x best non-`none` op weight, each with that op."""
+        edges = (self.edge_weights(self.betas_normal.detach()), self.edge_weights(self.betas_reduce.detach()))
+        return self._range_concat(derive_genotype(self.alphas_normal, self.alphas_reduce, self.space, edges))

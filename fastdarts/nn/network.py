@@ -81,13 +81,20 @@ class SearchNetwork(nn.Module):
         """Every parameter but the architecture parameters: what the weight optimiser trains."""
         return [p for _, p in self.named_weight_parameters()]
 
+    def cell_weights(self) -> dict[bool, tuple[Tensor, ...]]:
+        """What a cell gets after its two inputs, for normal (False) and reduction (True) cells: the softmax of
+        their alphas (a variant such as PC-DARTS adds edge weights)."""
+        return {
+            False: (F.softmax(self.alphas_normal, dim=-1),),
+            True: (F.softmax(self.alphas_reduce, dim=-1),),
+        }
+
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, in_channels, H, W] -> logits [B, num_classes]."""
-        weights_normal = F.softmax(self.alphas_normal, dim=-1)
-        weights_reduce = F.softmax(self.alphas_reduce, dim=-1)
+        weights = self.cell_weights()
         s0 = s1 = self.stem(x)
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, weights_reduce if cell.reduction else weights_normal)
+            s0, s1 = s1, cell(s0, s1, *weights[cell.reduction])
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 

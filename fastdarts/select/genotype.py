@@ -70,8 +70,16 @@ def parse_cell(weights: Tensor, primitives: Sequence[str], steps: int, edge_stre
     return gene
 
 
-def derive_genotype(alphas_normal: Tensor, alphas_reduce: Tensor, space: SearchSpace) -> Genotype:
-    """The DARTS genotype of a searched network from its alphas ([num_edges, K] each, before softmax)."""
+def derive_genotype(
+    alphas_normal: Tensor,
+    alphas_reduce: Tensor,
+    space: SearchSpace,
+    edge_strengths: tuple[Tensor, Tensor] | None = None,
+) -> Genotype:
+    """The DARTS genotype of a searched network from its alphas ([num_edges, K] each, before softmax).
+
+    edge_strengths: optional ([num_edges], [num_edges]) edge weights of the normal and reduction cells that
+    scale each edge's op weights before ranking (PC-DARTS edge normalisation)."""
     expected = (space.num_edges, len(space.primitives))
     for name, a in (("alphas_normal", alphas_normal), ("alphas_reduce", alphas_reduce)):
         if tuple(a.shape) != expected:
@@ -80,9 +88,8 @@ def derive_genotype(alphas_normal: Tensor, alphas_reduce: Tensor, space: SearchS
                 f"for {space.steps} steps and {len(space.primitives)} primitives"
             )
     concat = list(range(2 + space.steps - space.multiplier, space.steps + 2))
-    return Genotype(
-        normal=parse_cell(torch.softmax(alphas_normal.detach(), -1), space.primitives, space.steps),
-        normal_concat=concat,
-        reduce=parse_cell(torch.softmax(alphas_reduce.detach(), -1), space.primitives, space.steps),
-        reduce_concat=concat,
+    normal, reduce = (
+        parse_cell(torch.softmax(a.detach(), -1), space.primitives, space.steps, strength)
+        for a, strength in zip((alphas_normal, alphas_reduce), edge_strengths or (None, None))
     )
+    return Genotype(normal=normal, normal_concat=concat, reduce=reduce, reduce_concat=concat)

@@ -11,6 +11,7 @@ from torch import nn
 import fastdarts
 from fastdarts.compat import darts, pcdarts
 from tests.compat import originals
+from tests.compat.helpers import assert_same_training_pass, assert_state_dict_loads_both_ways
 from tests.helpers import batch
 
 ARGS = SimpleNamespace(momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-4, arch_weight_decay=1e-3)
@@ -60,13 +61,7 @@ def test_names_shapes_and_initial_weights_are_the_originals(base):
 def test_state_dict_loads_both_ways(base):
     ours, orig = build(base)
     x, y = batch()
-    orig._loss(x, y).backward()  # moves the running statistics away from their initial values
-    ours.load_state_dict(orig.state_dict())
-    fresh = build(base, seed=5)[1]
-    fresh.load_state_dict(ours.state_dict())
-    loaded = fresh.state_dict()
-    for k, v in orig.state_dict().items():
-        assert torch.equal(loaded[k], v), k
+    assert_state_dict_loads_both_ways(ours, orig, build(base, seed=5)[1], lambda: orig._loss(x, y))
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -74,17 +69,9 @@ def test_outputs_and_gradients_match_the_original_in_fp32(base, train):
     ours, orig = build(base)
     ours.train(train), orig.train(train)
     x, y = batch()
-    lo, lr = ours._loss(x, y), orig._loss(x, y)
-    torch.testing.assert_close(lo, lr, rtol=1e-5, atol=1e-5)
-    lo.backward(), lr.backward()
-    named = dict(orig.named_parameters())
-    for n, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, named[n].grad, rtol=1e-5, atol=1e-5, msg=n)
-    for a, b in zip(ours.arch_parameters(), orig.arch_parameters(), strict=True):
+    assert_same_training_pass(ours, orig, lambda: ours._loss(x, y), lambda: orig._loss(x, y))
+    for a, b in zip(ours.arch_parameters(), orig.arch_parameters(), strict=True):  # not parameters here
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
-    state = ours.state_dict()
-    for k, v in orig.state_dict().items():  # running statistics after the forward
-        torch.testing.assert_close(state[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def _sgd_with_momentum(model, x, y):

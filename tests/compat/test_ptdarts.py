@@ -8,6 +8,7 @@ from torch import nn
 
 from fastdarts.compat import ptdarts
 from tests.compat import originals
+from tests.compat.helpers import assert_same_training_pass, assert_state_dict_loads_both_ways
 from tests.helpers import batch
 
 
@@ -41,13 +42,7 @@ def test_names_shapes_and_initial_weights_are_the_originals():
 def test_state_dict_loads_both_ways():
     ours, orig = build()
     x, y = batch()
-    orig.loss(x, y).backward()
-    ours.load_state_dict(orig.state_dict())
-    fresh = build(seed=5)[1]
-    fresh.load_state_dict(ours.state_dict())
-    loaded = fresh.state_dict()
-    for k, v in orig.state_dict().items():
-        assert torch.equal(loaded[k], v), k
+    assert_state_dict_loads_both_ways(ours, orig, build(seed=5)[1], lambda: orig.loss(x, y))
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -55,15 +50,7 @@ def test_outputs_and_gradients_match_the_original_in_fp32(train):
     ours, orig = build()
     ours.train(train), orig.train(train)
     x, y = batch()
-    lo, lr = ours.loss(x, y), orig.loss(x, y)
-    torch.testing.assert_close(lo, lr, rtol=1e-5, atol=1e-5)
-    lo.backward(), lr.backward()
-    named = dict(orig.named_parameters())
-    for n, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, named[n].grad, rtol=1e-5, atol=1e-5, msg=n)
-    state = ours.state_dict()
-    for k, v in orig.state_dict().items():
-        torch.testing.assert_close(state[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert_same_training_pass(ours, orig, lambda: ours.loss(x, y), lambda: orig.loss(x, y))  # alphas included
 
 
 def _sgd_with_momentum(model, x, y, weights):
