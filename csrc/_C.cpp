@@ -29,6 +29,12 @@ TORCH_LIBRARY(fastdarts_C, m) {
   // (grad_x, grad_weight), each computed only where output_mask says so
   m.def("depthwise_conv_backward(Tensor grad, Tensor x, Tensor weight, int stride, int padding, int dilation, "
         "bool[2] output_mask) -> (Tensor, Tensor)");
+  // PC-DARTS' partial-channel edge: channel_shuffle(cat([sum_k weights[k] * xs[k], bypass(x[:, C / groups:])]),
+  // groups) with bypass the identity (stride 1) or a 2x2 max pool (stride 2)
+  m.def("partial_channel(Tensor[] xs, Tensor weights, Tensor x, int groups, int stride) -> Tensor");
+  // (grad_xs, grad_weights, grad_x); grad_x is zero in the first C / groups channels (they reach x through xs)
+  m.def("partial_channel_backward(Tensor grad, Tensor[] xs, Tensor weights, Tensor x, int groups, int stride) "
+        "-> (Tensor[], Tensor, Tensor)");
   // DARTS' ReLU -> depthwise conv -> pointwise conv -> BatchNorm unit: (y, d, p, mean, invstd, new_running_mean,
   // new_running_var) with d the depthwise output, p the pointwise output (both kept for the backward, in fp32 or
   // fp64) and the running statistics after this batch (empty unless training with running statistics)

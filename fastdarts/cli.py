@@ -59,6 +59,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="second order: finite-difference (fd, as DARTS) or exact Hessian-vector product",
     )
     s.add_argument(
+        "--partial-channels",
+        type=int,
+        default=d.partial_channels,
+        help="pcdarts, rf-pcdarts: 1/K of each edge's channels go through its candidates "
+        "(default 4; 2 on darts-imagenet)",
+    )
+    s.add_argument(
         "--data",
         default=d.data,
         choices=list(DATASETS),

@@ -21,10 +21,12 @@ def tiny_network(
     in_channels: int = 3,
     num_classes: int = 5,
     smooth: bool = False,
+    **variant,
 ) -> SearchNetwork:
-    """A 3-cell supernet (normal, reduce, reduce) with C=4, alphas spread out so their gradients matter."""
+    """A 3-cell supernet (normal, reduce, reduce) with C=4, alphas spread out so their gradients matter;
+    variant: SearchNetwork's partial_channels / edge_normalization."""
     torch.manual_seed(seed)
-    model = SearchNetwork(C, num_classes, layers, space, in_channels)
+    model = SearchNetwork(C, num_classes, layers, space, in_channels, **variant)
     with torch.no_grad():
         for a in model.arch_parameters():
             a.normal_(0, 0.5)

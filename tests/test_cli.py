@@ -35,6 +35,11 @@ def test_search_prints_genotype_and_writes_files(tmp_path, capsys):
         ),
         (["search", "--out", "x", "--resume"], "no checkpoint to resume"),
         (["search", "--epochs", "two", "--out", "x"], "invalid int value: 'two'"),
+        (
+            ["search", "--algo", "pcdarts", "--partial-channels", "3", "--out", "x"],
+            "not a multiple of partial",
+        ),
+        (["search", "--space", "darts-imagenet", "--out", "x"], "image size 8 is halved at an odd size"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_status_2(tmp_path, args, message):

@@ -1,9 +1,14 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastdarts
-from fastdarts.nn import Cell, MixedOp, SearchNetwork
-from fastdarts.spaces import DARTS
+from fastdarts.nn import Cell, MixedOp, PartialMixedOp, SearchNetwork
+from fastdarts.nn.operations import FactorizedReduce
+from fastdarts.ops import channel_shuffle
+from fastdarts.select import derive_genotype
+from fastdarts.spaces import DARTS, DARTS_IMAGENET
+from tests.compat import originals
 from tests.helpers import batch, tiny_network
 
 
@@ -94,3 +99,76 @@ def test_cell_output_concatenates_last_nodes():
 def test_bad_network_sizes_are_rejected():
     with pytest.raises(ValueError, match="layers=0"):
         SearchNetwork(4, 10, 0)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_partial_mixed_op_is_the_pcdarts_formula(stride):
+    # PC-DARTS by hand: candidates on the first C/K channels, the rest passed by (max-pooled at stride 2), shuffled
+    torch.manual_seed(0)
+    op = PartialMixedOp(8, stride, DARTS.primitives, groups=4).double()
+    x = torch.randn(3, 8, 6, 6, dtype=torch.float64)
+    alphas = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    out = op(x, torch.softmax(alphas, 0))
+    rest = x[:, 2:] if stride == 1 else F.max_pool2d(x[:, 2:], 2, 2)
+    mixed = _sum_with_zero(op, x[:, :2], torch.softmax(alphas, 0))
+    ref = channel_shuffle(torch.cat([mixed, rest], 1), 4)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    (g,) = torch.autograd.grad(out.square().sum(), alphas)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), alphas)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_pcdarts_network_is_the_pcdarts_original():
+    # the core network with PC-DARTS' switches computes what PC-DARTS' model_search.py does, weights loaded across
+    ours = tiny_network(partial_channels=4, edge_normalization=True)
+    torch.manual_seed(1)
+    orig = originals.PcNetwork(4, 5, 3, torch.nn.CrossEntropyLoss())
+    orig.load_state_dict(
+        {k: v for k, v in ours.state_dict().items() if not k.startswith(("alphas", "betas"))}
+    )
+    for a, b in zip(ours.arch_parameters(), orig.arch_parameters(), strict=True):
+        b.data.copy_(a.detach())
+    x, _ = batch()
+    for train in (True, False):
+        ours.train(train), orig.train(train)
+        torch.testing.assert_close(ours(x), orig(x), rtol=1e-5, atol=1e-5)
+    assert [n for n, _ in ours.named_parameters() if n.startswith(("alphas", "betas"))] == [
+        "alphas_normal",
+        "alphas_reduce",
+        "betas_normal",
+        "betas_reduce",
+    ]
+
+
+def test_edge_weights_are_a_softmax_over_each_nodes_incoming_edges():
+    model = tiny_network(partial_channels=2, edge_normalization=True)
+    w = model.edge_weights(model.betas_normal)
+    sums = torch.stack([part.sum() for part in w.split([2, 3, 4, 5])])
+    torch.testing.assert_close(sums, torch.ones(4))
+    weights = model.cell_weights()
+    assert len(weights[False]) == 2 and torch.equal(weights[True][1], model.edge_weights(model.betas_reduce))
+    assert len(tiny_network().cell_weights()[False]) == 1  # DARTS: no edge weights
+
+
+def test_edge_strengths_decide_the_genotype():
+    # equal op weights everywhere: the betas alone pick each node's two edges
+    model = tiny_network(partial_channels=4, edge_normalization=True)
+    with torch.no_grad():
+        model.alphas_normal.zero_()
+        model.betas_normal.copy_(torch.arange(14.0))  # later edges stronger
+    genotype = derive_genotype(model.alphas_normal, model.alphas_reduce, model.space, model.edge_strengths())
+    inputs = [j for _, j in genotype.normal]
+    assert inputs == [1, 0, 2, 1, 3, 2, 4, 3]
+    assert tiny_network().edge_strengths() is None
+
+
+def test_imagenet_stem_brings_the_input_to_an_eighth():
+    model = tiny_network(space=DARTS_IMAGENET, partial_channels=2, edge_normalization=True)
+    x, _ = batch(n=2, size=32)
+    assert model(x).shape == (2, 5)
+    assert model.stem0(x).shape[-1] == 8 and model.stem1(model.stem0(x)).shape[-1] == 4
+    assert isinstance(
+        model.cells[0].preprocess0, FactorizedReduce
+    )  # the first cell reads stem0 at twice the size
+    names = set(dict(model.named_parameters()))
+    assert {"stem0.0.weight", "stem0.1.weight", "stem0.3.weight", "stem1.1.weight", "stem1.2.bias"} <= names

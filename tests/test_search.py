@@ -4,13 +4,15 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from fastdarts import backend
 from fastdarts.errors import UsageError
 from fastdarts.nn import SearchNetwork
-from fastdarts.search import Architect, ArchitectConfig, SearchConfig, run_search
+from fastdarts.nn.operations import PoolBN
+from fastdarts.search import Architect, ArchitectConfig, Search, SearchConfig, run_search
 from fastdarts.search.checkpoint import load_checkpoint, save_atomic
-from fastdarts.select import Genotype
+from fastdarts.select import Genotype, derive_genotype
 
 # 3 cells of 4 channels; batches of 450 digits, so an epoch is 2 weight steps (CPU steps cost ~1 s each).
 TINY = {"layers": 3, "init_channels": 4, "batch_size": 450, "seed": 0, "device": "cpu"}
@@ -35,9 +37,13 @@ def _kill_at(epoch: int, step: int):
     return on_batch
 
 
-@pytest.mark.parametrize("order", ["first", pytest.param("second", marks=pytest.mark.slow)])
-def test_killed_and_resumed_search_ends_like_an_uninterrupted_one(tmp_path, order):
-    cfg = SearchConfig(epochs=2, order=order, **TINY)
+@pytest.mark.parametrize(
+    "order, algo",
+    [("first", "darts"), ("first", "pcdarts"), ("first", "rf-pcdarts"),
+     pytest.param("second", "darts", marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_killed_and_resumed_search_ends_like_an_uninterrupted_one(tmp_path, order, algo):
+    cfg = SearchConfig(epochs=2, order=order, algo=algo, **TINY)
     full = run_search(cfg, tmp_path / "full")
     with pytest.raises(Killed):  # dies in the middle of the second epoch
         run_search(cfg, tmp_path / "cut", on_batch=_kill_at(1, 1))
@@ -99,11 +105,53 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
 @pytest.mark.parametrize(
     "field, value, message",
     [("algo", "enas", "unknown algo 'enas'"), ("batch_size", 0, "batch_size must be a whole number >= 1, got 0"),
-     ("space", "nb201", "unknown space 'nb201'"), ("data", "mnist", "unknown data 'mnist'")],
+     ("space", "nb201", "unknown space 'nb201'"), ("data", "mnist", "unknown data 'mnist'"),
+     ("partial_channels", 2, "partial_channels is for algo pcdarts or rf-pcdarts, got algo 'darts'")],
 )  # fmt: skip
 def test_bad_config_values_are_named(field, value, message):
     with pytest.raises(UsageError, match=message):
         SearchConfig(**{field: value})
+
+
+def test_partial_channels_must_divide_the_channels():
+    with pytest.raises(UsageError, match="init_channels 16 is not a multiple of partial_channels 3"):
+        SearchConfig(algo="pcdarts", partial_channels=3)
+    assert SearchConfig(algo="pcdarts").resolve_partial_channels() == 4
+    assert SearchConfig(algo="pcdarts", space="darts-imagenet").resolve_partial_channels() == 2
+    assert SearchConfig(algo="rf-darts").resolve_partial_channels() == 1
+
+
+def test_an_image_size_that_halves_to_an_odd_size_is_refused():
+    # digits are 8x8: the ImageNet stem brings them to 1x1 before the reductions
+    with pytest.raises(UsageError, match="image size 8 is halved at an odd size in space 'darts-imagenet'"):
+        Search(SearchConfig(space="darts-imagenet", **TINY))
+
+
+def test_pcdarts_search_learns_betas_and_ranks_edges_by_them(tmp_path):
+    search = Search(SearchConfig(algo="pcdarts", epochs=1, **TINY))
+    betas = search.model.betas_normal.detach().clone()
+    search.run()
+    assert {id(p) for p in search.architect.optimizer.param_groups[0]["params"]} == {
+        id(p) for p in search.model.arch_parameters()
+    } and len(search.model.arch_parameters()) == 4
+    assert not torch.equal(search.model.betas_normal.detach(), betas)  # the betas train
+    assert search.genotype() == derive_genotype(
+        search.model.alphas_normal, search.model.alphas_reduce, search.space, search.model.edge_strengths()
+    )
+
+
+def test_rf_darts_trains_only_batchnorm_affine_weights_and_alphas():
+    search = Search(SearchConfig(algo="rf-darts", epochs=1, **TINY))
+    model = search.model
+    after_pool = {id(m[1]) for m in model.modules() if isinstance(m, PoolBN)}
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    # BatchNorm affine is on everywhere but after the pooling candidates (DARTS' parameter-free pools)
+    assert all(m.affine != (id(m) in after_pool) for m in bns.values())
+    trained = {f"{n}.{k}" for n, m in bns.items() if m.affine for k in ("weight", "bias")}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    search.run()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved == trained | {"alphas_normal", "alphas_reduce"}
 
 
 def test_history_round_trips_through_the_checkpoint(tmp_path):
@@ -118,7 +166,6 @@ def test_batch_hook_reports_the_epochs_running_means(tmp_path):
     assert [c[:3] for c in calls] == [(0, 0, 2), (0, 1, 2)]
     record = result.history[0]
     assert calls[-1][3:] == pytest.approx((record.train_loss, record.train_acc))
-
 
 
 def _search_steps(backend_name, steps, dtype, threads):

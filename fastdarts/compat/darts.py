@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -70,19 +71,29 @@ class Network(_network.SearchNetwork):
         multiplier: int = 4,
         stem_multiplier: int = 3,
     ):
-        space = SearchSpace("darts", tuple(PRIMITIVES), steps, multiplier, stem_multiplier, affine=False)
-        super().__init__(C, num_classes, layers, space, in_channels=3)
+        space = replace(
+            self._space, primitives=tuple(PRIMITIVES), steps=steps, multiplier=multiplier,
+            stem_multiplier=stem_multiplier,
+        )  # fmt: skip
+        super().__init__(C, num_classes, layers, space, in_channels=3, **self._variant)
         self._C, self._num_classes, self._steps, self._multiplier = C, num_classes, steps, multiplier
         self._criterion = criterion
         # plain leaf tensors, as in the original: outside parameters() and the state_dict
-        normal, reduce = self.alphas_normal.detach(), self.alphas_reduce.detach()
-        del self.alphas_normal, self.alphas_reduce
-        self.alphas_normal = normal.requires_grad_()
-        self.alphas_reduce = reduce.requires_grad_()
-        self._arch_parameters = [self.alphas_normal, self.alphas_reduce]
+        arch = {id(a) for a in _network.SearchNetwork.arch_parameters(self)}
+        self._arch_parameters = []
+        for name in [n for n, p in self.named_parameters() if id(p) in arch]:
+            tensor = getattr(self, name).detach().requires_grad_()
+            delattr(self, name)
+            setattr(self, name, tensor)
+            self._arch_parameters.append(tensor)
+
+    #: the core network's space and switches for a descendant code base (PC-DARTS: partial channels, edge
+    #: normalisation; its ImageNet search: the ImageNet stem)
+    _space: ClassVar[SearchSpace] = DARTS
+    _variant: ClassVar[dict] = {}
 
     def arch_parameters(self) -> list[Tensor]:
-        """[alphas_normal, alphas_reduce], each [num_edges, len(PRIMITIVES)]."""
+        """[alphas_normal, alphas_reduce], each [num_edges, len(PRIMITIVES)] (PC-DARTS: then the betas)."""
         return self._arch_parameters
 
     def _apply(self, fn, recurse=True):
@@ -111,12 +122,10 @@ class Network(_network.SearchNetwork):
         return model
 
     def genotype(self) -> Genotype:
-        """The DARTS genotype: per node the two strongest edges by their best non-`none` softmax weight."""
-        return self._range_concat(derive_genotype(self.alphas_normal, self.alphas_reduce, self.space))
-
-    def _range_concat(self, genotype: Genotype) -> Genotype:
-        """The genotype with its concat as a ``range``, as the original prints and compares it."""
-        concat = range(2 + self._steps - self._multiplier, self._steps + 2)
+        """The DARTS genotype: per node the two strongest edges by their best non-`none` softmax weight (PC-DARTS:
+        times the edge weight)."""
+        genotype = derive_genotype(self.alphas_normal, self.alphas_reduce, self.space, self.edge_strengths())
+        concat = range(2 + self._steps - self._multiplier, self._steps + 2)  # a range, as the original's
         return genotype._replace(normal_concat=concat, reduce_concat=concat)
 
 

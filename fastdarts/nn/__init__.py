@@ -1,7 +1,7 @@
 """Search-space building blocks on top of fastdarts.ops."""
 
-from fastdarts.nn.cell import Cell, MixedOp
+from fastdarts.nn.cell import Cell, MixedOp, PartialMixedOp
 from fastdarts.nn.network import SearchNetwork
 from fastdarts.nn.operations import OPS
 
-__all__ = ["OPS", "Cell", "MixedOp", "SearchNetwork"]
+__all__ = ["OPS", "Cell", "MixedOp", "PartialMixedOp", "SearchNetwork"]

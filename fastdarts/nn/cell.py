@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdarts.nn.operations import OPS, FactorizedReduce, PoolBN, ReLUConvBN
-from fastdarts.ops import mixed_op
+from fastdarts.ops import mixed_op, partial_channel
 
 
 class MixedOp(nn.Module):
@@ -40,11 +40,39 @@ class MixedOp(nn.Module):
         op = OPS[name](C, stride, affine)
         return PoolBN(op, nn.BatchNorm2d(C, affine=False)) if "pool" in name else op
 
+    def live_weights(self, weights: Tensor) -> Tensor:
+        """The weights [K] of the candidates that run (all but `none`), a view when they are a run."""
+        return weights[self._live_slice] if self._live_slice is not None else weights[self._live]
+
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         """Mix the candidates. x: [B, C, H, W]; weights: [K] for K primitives. Returns [B, C, H/s, W/s]."""
-        outs = [self._ops[k](x) for k in self._live]
-        w = weights[self._live_slice] if self._live_slice is not None else weights[self._live]
-        return mixed_op(outs, w)
+        return mixed_op([self._ops[k](x) for k in self._live], self.live_weights(weights))
+
+
+class PartialMixedOp(MixedOp):
+    """PC-DARTS' partial-channel mixed op (Xu et al., 2020): the candidates see 1 / groups of the channels.
+
+    ``out = channel_shuffle(cat([sum_k weights[k] * op_k(x[:, :c]), bypass(x[:, c:])]), groups)`` with
+    ``c = C / groups`` and bypass the identity, or a 2x2 max pool on a stride-2 edge; one fused op after the
+    candidates (:func:`fastdarts.ops.partial_channel`).
+
+    Args:
+        C: channels in and out (a multiple of groups); the candidates have C / groups.
+        stride, primitives, affine: as :class:`MixedOp`.
+        groups: PC-DARTS' K (4 on CIFAR-sized inputs, 2 on ImageNet-sized ones).
+    """
+
+    def __init__(self, C: int, stride: int, primitives: Sequence[str], affine: bool = False, groups: int = 4):
+        if groups < 1 or C % groups:
+            raise ValueError(f"partial channels {groups} must divide the edge's {C} channels")
+        super().__init__(C // groups, stride, primitives, affine)
+        self.groups, self.stride = groups, stride
+
+    def forward(self, x: Tensor, weights: Tensor) -> Tensor:
+        """x: [B, C, H, W]; weights: [K]. Returns [B, C, H / stride, W / stride]."""
+        part = x[:, : x.shape[1] // self.groups]
+        outs = [self._ops[k](part) for k in self._live]
+        return partial_channel(outs, self.live_weights(weights), x, self.groups, self.stride)
 
 
 class Cell(nn.Module):
@@ -61,6 +89,7 @@ class Cell(nn.Module):
         reduction_prev: the previous cell was a reduction, so input 0 is twice as large as input 1.
         primitives: candidate names on every edge.
         affine: BatchNorm affine in preprocessing and candidates.
+        partial_channels: 1 for DARTS' edges, K > 1 for PC-DARTS' (:class:`PartialMixedOp` with groups K).
     """
 
     def __init__(
@@ -74,6 +103,7 @@ class Cell(nn.Module):
         reduction_prev: bool,
         primitives: Sequence[str],
         affine: bool = False,
+        partial_channels: int = 1,
     ):
         super().__init__()
         self.reduction = reduction
@@ -88,19 +118,27 @@ class Cell(nn.Module):
         for i in range(steps):
             for j in range(2 + i):
                 stride = 2 if reduction and j < 2 else 1
-                self._ops.append(self.make_edge(C, stride, primitives, affine))
+                self._ops.append(self.make_edge(C, stride, primitives, affine, partial_channels))
 
     @staticmethod
-    def make_edge(C: int, stride: int, primitives: Sequence[str], affine: bool) -> nn.Module:
-        """The mixed op of one edge (a variant such as PC-DARTS' partial channels overrides this)."""
-        return MixedOp(C, stride, primitives, affine)
+    def make_edge(
+        C: int, stride: int, primitives: Sequence[str], affine: bool, partial_channels: int = 1
+    ) -> nn.Module:
+        """The mixed op of one edge (a code base with other module names overrides this)."""
+        if partial_channels == 1:
+            return MixedOp(C, stride, primitives, affine)
+        return PartialMixedOp(C, stride, primitives, affine, partial_channels)
 
-    def forward(self, s0: Tensor, s1: Tensor, weights: Tensor) -> Tensor:
-        """s0, s1: the two previous cells' outputs; weights: [num_edges, K] softmaxed alphas."""
+    def forward(self, s0: Tensor, s1: Tensor, weights: Tensor, edge_weights: Tensor | None = None) -> Tensor:
+        """s0, s1: the two previous cells' outputs; weights: [num_edges, K] softmaxed alphas; edge_weights:
+        optional [num_edges] multipliers of the edges (PC-DARTS' edge normalisation)."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self._steps):
-            node = sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            edges = (self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            if edge_weights is not None:
+                edges = (edge_weights[offset + j] * e for j, e in enumerate(edges))
+            node = sum(edges)
             offset += len(states)
             states.append(node)
         return torch.cat(states[-self._multiplier :], dim=1)

@@ -20,33 +20,69 @@ class SearchNetwork(nn.Module):
     (so they are saved with the model) but are kept apart from the weights: the architecture optimiser
     trains :meth:`arch_parameters`, the weight optimiser :meth:`weight_parameters`.
 
+    PC-DARTS (Xu et al., 2020) is two switches: ``partial_channels`` K > 1 sends 1 / K of each edge's channels
+    through its candidates (:class:`~fastdarts.nn.cell.PartialMixedOp`), and ``edge_normalization`` adds
+    ``betas_normal`` / ``betas_reduce`` ([num_edges] each, 1e-3 * N(0, 1)): each node weights its incoming edges
+    by the softmax of their betas, and the genotype ranks edges by edge weight x op weight.
+
     Args:
         C: channels of the first cells (16 in DARTS); doubled at each reduction.
         num_classes: classifier outputs.
         layers: number of cells (8 in the DARTS search); reductions at layers // 3 and 2 * layers // 3.
-        space: the search space (primitives, steps, multiplier, stem multiplier, affine).
+        space: the search space (primitives, steps, multiplier, stem, stem multiplier, affine).
         in_channels: image channels (3 for CIFAR-10 and ImageNet, 1 for digits).
+        partial_channels: 1 (DARTS) or PC-DARTS' K.
+        edge_normalization: learn betas (PC-DARTS' edge normalisation).
     """
 
     def __init__(
-        self, C: int, num_classes: int, layers: int, space: SearchSpace = DARTS, in_channels: int = 3
+        self,
+        C: int,
+        num_classes: int,
+        layers: int,
+        space: SearchSpace = DARTS,
+        in_channels: int = 3,
+        partial_channels: int = 1,
+        edge_normalization: bool = False,
     ):
         super().__init__()
         if layers < 1 or C < 1 or num_classes < 1:
             raise ValueError(
                 f"need layers, C and num_classes >= 1, got layers={layers}, C={C}, {num_classes=}"
             )
+        if partial_channels < 1 or C % partial_channels:
+            raise ValueError(
+                f"partial_channels {partial_channels} must divide the {C} channels of the first cells"
+            )
         self.space = space
         self._layers = layers
+        self.partial_channels = partial_channels
+        self.edge_normalization = edge_normalization
         C_curr = space.stem_multiplier * C
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False),
-            nn.BatchNorm2d(C_curr),
-        )
+        if (
+            space.stem == "imagenet"
+        ):  # three stride-2 convolutions, the last one's input kept for the first cell
+            self.stem0 = nn.Sequential(
+                nn.Conv2d(in_channels, C_curr // 2, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C_curr // 2),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(C_curr // 2, C_curr, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C_curr),
+            )
+            self.stem1 = nn.Sequential(
+                nn.ReLU(inplace=True),
+                nn.Conv2d(C_curr, C_curr, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C_curr),
+            )
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False),
+                nn.BatchNorm2d(C_curr),
+            )
         C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
         reductions = space.reduction_layers(layers)
         self.cells = nn.ModuleList()
-        reduction_prev = False
+        reduction_prev = space.stem == "imagenet"  # the first cell's s0 is twice the size of its s1
         for i in range(layers):
             reduction = i in reductions
             if reduction:
@@ -60,17 +96,23 @@ class SearchNetwork(nn.Module):
         shape = (space.num_edges, len(space.primitives))
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(shape))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(shape))
+        if edge_normalization:
+            self.betas_normal = nn.Parameter(1e-3 * torch.randn(space.num_edges))
+            self.betas_reduce = nn.Parameter(1e-3 * torch.randn(space.num_edges))
 
     def make_cell(self, C_prev_prev: int, C_prev: int, C: int, reduction: bool, reduction_prev: bool) -> Cell:
-        """One cell of the space (a variant such as PC-DARTS overrides this)."""
+        """One cell of the space (a code base with other module names overrides this)."""
         s = self.space
         return Cell(
-            s.steps, s.multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, s.primitives, s.affine
-        )
+            s.steps, s.multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, s.primitives, s.affine,
+            self.partial_channels,
+        )  # fmt: skip
 
     def arch_parameters(self) -> list[nn.Parameter]:
-        """The architecture parameters [alphas_normal, alphas_reduce]."""
-        return [self.alphas_normal, self.alphas_reduce]
+        """The architecture parameters [alphas_normal, alphas_reduce], then [betas_normal, betas_reduce] with
+        edge normalisation."""
+        betas = [self.betas_normal, self.betas_reduce] if self.edge_normalization else []
+        return [self.alphas_normal, self.alphas_reduce, *betas]
 
     def named_weight_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Every parameter but the architecture parameters, with its name."""
@@ -81,18 +123,39 @@ class SearchNetwork(nn.Module):
         """Every parameter but the architecture parameters: what the weight optimiser trains."""
         return [p for _, p in self.named_weight_parameters()]
 
+    def edge_weights(self, betas: Tensor) -> Tensor:
+        """[num_edges] betas -> their softmax over each node's incoming edges, node by node."""
+        sizes = [2 + i for i in range(self.space.steps)]
+        return torch.cat([F.softmax(b, dim=-1) for b in betas.split(sizes)])
+
     def cell_weights(self) -> dict[bool, tuple[Tensor, ...]]:
         """What a cell gets after its two inputs, for normal (False) and reduction (True) cells: the softmax of
-        their alphas (a variant such as PC-DARTS adds edge weights)."""
-        return {
+        their alphas, and with edge normalisation the edge weights."""
+        weights = {
             False: (F.softmax(self.alphas_normal, dim=-1),),
             True: (F.softmax(self.alphas_reduce, dim=-1),),
         }
+        if not self.edge_normalization:
+            return weights
+        betas = {False: self.betas_normal, True: self.betas_reduce}
+        return {r: (*weights[r], self.edge_weights(betas[r])) for r in (False, True)}
+
+    def edge_strengths(self) -> tuple[Tensor, Tensor] | None:
+        """The detached edge weights ([num_edges] each) of normal and reduction cells with edge normalisation,
+        which the genotype derivation multiplies into the op weights (PC-DARTS); None without."""
+        if not self.edge_normalization:
+            return None
+        with torch.no_grad():
+            return self.edge_weights(self.betas_normal), self.edge_weights(self.betas_reduce)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, in_channels, H, W] -> logits [B, num_classes]."""
         weights = self.cell_weights()
-        s0 = s1 = self.stem(x)
+        if self.space.stem == "imagenet":
+            s0 = self.stem0(x)
+            s1 = self.stem1(s0)
+        else:
+            s0 = s1 = self.stem(x)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, *weights[cell.reduction])
         out = self.global_pooling(s1)

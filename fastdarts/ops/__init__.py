@@ -4,15 +4,19 @@
 from fastdarts.ops.depthwise_conv import depthwise_conv, depthwise_conv_ref
 from fastdarts.ops.dil_conv import dil_conv, dil_conv_ref
 from fastdarts.ops.mixed_op import mixed_op, mixed_op_ref
+from fastdarts.ops.partial_channel import channel_shuffle, partial_channel, partial_channel_ref
 from fastdarts.ops.pool_bn import pool_bn, pool_bn_ref
 
 __all__ = [
+    "channel_shuffle",
     "depthwise_conv",
     "depthwise_conv_ref",
     "dil_conv",
     "dil_conv_ref",
     "mixed_op",
     "mixed_op_ref",
+    "partial_channel",
+    "partial_channel_ref",
     "pool_bn",
     "pool_bn_ref",
 ]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from fastdarts.data import DATASETS, Loader, load_search_data
 from fastdarts.errors import UsageError
 from fastdarts.nn import SearchNetwork
+from fastdarts.search.algorithms import ALGORITHMS, freeze_random_features
 from fastdarts.search.architect import HVP_MODES, ORDERS, Architect, ArchitectConfig
 from fastdarts.search.checkpoint import load_checkpoint, save_atomic
 from fastdarts.select import Genotype, derive_genotype
@@ -24,7 +25,7 @@ from fastdarts.spaces import SPACES, get_space
 
 log = logging.getLogger(__name__)
 
-ALGOS = ("darts",)
+ALGOS = tuple(ALGORITHMS)
 CHECKPOINT = "checkpoint.pt"
 # Settings that may change between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = ("device", "workers")
@@ -35,7 +36,8 @@ class SearchConfig:
     """Everything that defines a search run. Defaults are the DARTS paper's CIFAR-10 search.
 
     Attributes:
-        space, algo, order, hvp: what to search and how (see fastdarts.search.architect).
+        space, algo, order, hvp: what to search and how (see fastdarts.search.algorithms and .architect).
+        partial_channels: PC-DARTS' K (pcdarts, rf-pcdarts); None: the space's default (4, 2 on darts-imagenet).
         data, data_dir, image_size, workers, train_portion: the data (see fastdarts.data).
         epochs, batch_size, seed: the run.
         layers, init_channels: the supernet (cells, channels of the first cell).
@@ -48,6 +50,7 @@ class SearchConfig:
     algo: str = "darts"
     order: str = "first"
     hvp: str = "fd"
+    partial_channels: int | None = None
     data: str = "digits"
     data_dir: str | None = None
     image_size: int | None = None
@@ -80,6 +83,24 @@ class SearchConfig:
         for field in ("lr", "lr_min", "arch_lr", "grad_clip"):
             if not getattr(self, field) > 0:
                 raise UsageError(f"{field} must be > 0, got {getattr(self, field)!r}")
+        if self.partial_channels is not None:
+            if not ALGORITHMS[self.algo].partial_channels:
+                raise UsageError(
+                    f"partial_channels is for algo pcdarts or rf-pcdarts, got algo {self.algo!r}"
+                )
+            if not isinstance(self.partial_channels, int) or self.partial_channels < 1:
+                raise UsageError(
+                    f"partial_channels must be a whole number >= 1, got {self.partial_channels!r}"
+                )
+        K = self.resolve_partial_channels()
+        if self.init_channels % K:
+            raise UsageError(f"init_channels {self.init_channels} is not a multiple of partial_channels {K}")
+
+    def resolve_partial_channels(self) -> int:
+        """PC-DARTS' K of this run: 1 without partial channels, else the setting or the space's default."""
+        if not ALGORITHMS[self.algo].partial_channels:
+            return 1
+        return self.partial_channels or get_space(self.space).partial_channels
 
     def resolve_device(self) -> torch.device:
         """The torch device this run uses."""
@@ -120,6 +141,27 @@ BatchHook = Callable[[int, int, int, float, float], None]
 EpochHook = Callable[[EpochRecord], None]
 
 
+def _check_image_size(space, layers: int, image_size: int) -> None:
+    """Every size that gets halved must be even: a reduction cell's input (the next cell's FactorizedReduce and the
+    2x2 max pool of partial channels halve it) and, with the ImageNet stem, stem0's output (the first cell's
+    FactorizedReduce)."""
+    size, halved = image_size, []
+    if space.stem == "imagenet":
+        size = -(-size // 4)  # stem0: two 3x3 stride-2 convolutions with padding 1
+        halved.append(size)
+        size = -(-size // 2)  # stem1
+    reductions = space.reduction_layers(layers)
+    for _ in reductions:
+        halved.append(size)
+        size = -(-size // 2)
+    if any(n % 2 for n in halved):
+        multiple = 2 ** (len(reductions) + (3 if space.stem == "imagenet" else 0))
+        raise UsageError(
+            f"image size {image_size} is halved at an odd size in space {space.name!r} (sizes halved: "
+            f"{', '.join(map(str, halved))}); use an image size divisible by {multiple}"
+        )
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -154,16 +196,24 @@ class Search:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = config.resolve_device()
         _seed_everything(config.seed)
-        self.space = get_space(config.space)
+        algo = ALGORITHMS[config.algo]
+        space = get_space(config.space)
+        self.space = dataclasses.replace(space, affine=True) if algo.random_features else space
         self.data = load_search_data(
             config.data, data_dir=config.data_dir, batch_size=config.batch_size, seed=config.seed,
             train_portion=config.train_portion, image_size=config.image_size, workers=config.workers,
         )  # fmt: skip
+        _check_image_size(self.space, config.layers, self.data.image_size)
+        K = config.resolve_partial_channels()
         self.model = SearchNetwork(
-            config.init_channels, self.data.num_classes, config.layers, self.space, self.data.in_channels
-        ).to(self.device)
+            config.init_channels, self.data.num_classes, config.layers, self.space, self.data.in_channels,
+            partial_channels=K, edge_normalization=algo.edge_normalization,
+        ).to(self.device)  # fmt: skip
+        weights = (
+            freeze_random_features(self.model) if algo.random_features else self.model.weight_parameters()
+        )
         self.optimizer = torch.optim.SGD(
-            self.model.weight_parameters(),
+            weights,
             config.lr,
             momentum=config.momentum,
             weight_decay=config.weight_decay,
@@ -184,7 +234,8 @@ class Search:
         return self.out_dir / CHECKPOINT if self.out_dir is not None else None
 
     def genotype(self) -> Genotype:
-        return derive_genotype(self.model.alphas_normal, self.model.alphas_reduce, self.space)
+        model = self.model
+        return derive_genotype(model.alphas_normal, model.alphas_reduce, self.space, model.edge_strengths())
 
     def train_epoch(self, on_batch: BatchHook | None = None) -> tuple[float, float]:
         """One epoch of alternating architecture and weight steps; mean loss and accuracy of the weight steps."""

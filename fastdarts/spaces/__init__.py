@@ -1,5 +1,5 @@
 """Search spaces as data: primitives, cell shape and macro layout, no code paths."""
 
-from fastdarts.spaces.darts import DARTS, SPACES, SearchSpace, get_space
+from fastdarts.spaces.darts import DARTS, DARTS_IMAGENET, SPACES, SearchSpace, get_space
 
-__all__ = ["DARTS", "SPACES", "SearchSpace", "get_space"]
+__all__ = ["DARTS", "DARTS_IMAGENET", "SPACES", "SearchSpace", "get_space"]

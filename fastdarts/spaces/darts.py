@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastdarts.errors import UsageError
+
+STEMS = ("cifar", "imagenet")
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,9 @@ class SearchSpace:
         multiplier: how many of the last intermediate nodes a cell concatenates as its output.
         stem_multiplier: the stem has stem_multiplier * C channels.
         affine: BatchNorm affine inside the candidate operations (off in the DARTS search phase).
+        stem: "cifar" (one 3x3 convolution, the input's resolution) or "imagenet" (three stride-2 3x3
+            convolutions, stem0 and stem1 as in PC-DARTS: 224x224 inputs reach the cells at 28x28).
+        partial_channels: PC-DARTS' default K on this space's input sizes (4 on CIFAR, 2 on ImageNet).
     """
 
     name: str
@@ -26,6 +31,12 @@ class SearchSpace:
     multiplier: int = 4
     stem_multiplier: int = 3
     affine: bool = False
+    stem: str = "cifar"
+    partial_channels: int = 4
+
+    def __post_init__(self) -> None:
+        if self.stem not in STEMS:
+            raise UsageError(f"unknown stem {self.stem!r}, expected one of: {', '.join(STEMS)}")
 
     @property
     def num_edges(self) -> int:
@@ -51,7 +62,10 @@ DARTS = SearchSpace(
     ),
 )
 
-SPACES = {space.name: space for space in (DARTS,)}
+# The ImageNet-style supernet of PC-DARTS (``model_search_imagenet.py``): the DARTS cell on a stride-8 stem.
+DARTS_IMAGENET = replace(DARTS, name="darts-imagenet", stem="imagenet", partial_channels=2)
+
+SPACES = {space.name: space for space in (DARTS, DARTS_IMAGENET)}
 
 
 def get_space(name: str) -> SearchSpace:

@@ -147,15 +147,27 @@ class DartsCell(nn.Module):
 
 class DartsNetwork(nn.Module):
     cell = DartsCell
+    imagenet = False  # PC-DARTS' model_search_imagenet.py: stem0 (two stride-2 convs) and stem1 (one more)
 
     def __init__(self, C, num_classes, layers, criterion, steps=4, multiplier=4, stem_multiplier=3):
         super().__init__()
         self._criterion, self._steps, self._multiplier = criterion, steps, multiplier
         C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        if self.imagenet:
+            self.stem0 = nn.Sequential(
+                nn.Conv2d(3, C_curr // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C_curr // 2),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(C_curr // 2, C_curr, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C_curr),
+            )  # fmt: skip
+            self.stem1 = nn.Sequential(
+                nn.ReLU(inplace=True), nn.Conv2d(C_curr, C_curr, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C_curr),
+            )  # fmt: skip
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
         C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
         self.cells = nn.ModuleList()
-        reduction_prev = False
+        reduction_prev = self.imagenet
         for i in range(layers):
             reduction = i in (layers // 3, 2 * layers // 3)
             C_curr = C_curr * 2 if reduction else C_curr
@@ -173,8 +185,15 @@ class DartsNetwork(nn.Module):
     def arch_parameters(self):
         return [self.alphas_normal, self.alphas_reduce]
 
+    def stems(self, x):
+        if self.imagenet:
+            s0 = self.stem0(x)
+            return s0, self.stem1(s0)
+        s = self.stem(x)
+        return s, s
+
     def forward(self, x):
-        s0 = s1 = self.stem(x)
+        s0, s1 = self.stems(x)
         for cell in self.cells:
             s0, s1 = (
                 s1,
@@ -239,11 +258,12 @@ def channel_shuffle(x, groups):
 
 
 class PcMixedOp(nn.Module):
+    k = 4  # model_search_imagenet.py: 2
+
     def __init__(self, C, stride):
         super().__init__()
         self._ops = nn.ModuleList()
         self.mp = nn.MaxPool2d(2, 2)
-        self.k = 4
         for name in DARTS_PRIMITIVES:
             op = darts_op(name, C // self.k, stride, False)
             self._ops.append(
@@ -294,7 +314,7 @@ class PcNetwork(DartsNetwork):
         return torch.cat(parts)
 
     def forward(self, x):
-        s0 = s1 = self.stem(x)
+        s0, s1 = self.stems(x)
         for cell in self.cells:
             alphas, betas = (
                 (self.alphas_reduce, self.betas_reduce)
@@ -311,6 +331,19 @@ class PcNetwork(DartsNetwork):
             for a, b in ((self.alphas_normal, self.betas_normal), (self.alphas_reduce, self.betas_reduce))
         )
         return (self.parse(n), concat, self.parse(r), concat)
+
+
+class PcImagenetMixedOp(PcMixedOp):
+    k = 2
+
+
+class PcImagenetCell(PcCell):
+    edge = PcImagenetMixedOp
+
+
+class PcImagenetNetwork(PcNetwork):
+    cell = PcImagenetCell
+    imagenet = True
 
 
 def fd_hvp_in_place(model, weights, v, loss_fn, x, y, buggy=False):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastdarts
-from fastdarts.compat import darts, pcdarts
+from fastdarts.compat import darts, pcdarts, pcdarts_imagenet
 from tests.compat import originals
 from tests.compat.helpers import assert_same_training_pass, assert_state_dict_loads_both_ways
 from tests.helpers import batch
@@ -17,14 +17,23 @@ from tests.helpers import batch
 ARGS = SimpleNamespace(momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-4, arch_weight_decay=1e-3)
 
 
-PAIRS = {"darts": (darts, originals.DartsNetwork), "pcdarts": (pcdarts, originals.PcNetwork)}
+PAIRS = {
+    "darts": (darts, originals.DartsNetwork),
+    "pcdarts": (pcdarts, originals.PcNetwork),
+    "pcdarts_imagenet": (pcdarts_imagenet, originals.PcImagenetNetwork),
+}
 ARCH = ["alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce"]
 
 
 @pytest.fixture(params=list(PAIRS))
 def base(request):
-    """The code base under test: "darts" or "pcdarts"."""
+    """The code base under test: "darts", "pcdarts" or "pcdarts_imagenet"."""
     return request.param
+
+
+def inputs(base="darts", **kwargs):
+    """A batch for the code base: 8x8 images, 32x32 for the ImageNet stem (which brings them to 4x4)."""
+    return batch(size=32 if base == "pcdarts_imagenet" else 8, **kwargs)
 
 
 def build(base="darts", seed=0, dtype=torch.float32):
@@ -60,7 +69,7 @@ def test_names_shapes_and_initial_weights_are_the_originals(base):
 
 def test_state_dict_loads_both_ways(base):
     ours, orig = build(base)
-    x, y = batch()
+    x, y = inputs(base)
     assert_state_dict_loads_both_ways(ours, orig, build(base, seed=5)[1], lambda: orig._loss(x, y))
 
 
@@ -68,7 +77,7 @@ def test_state_dict_loads_both_ways(base):
 def test_outputs_and_gradients_match_the_original_in_fp32(base, train):
     ours, orig = build(base)
     ours.train(train), orig.train(train)
-    x, y = batch()
+    x, y = inputs(base)
     assert_same_training_pass(ours, orig, lambda: ours._loss(x, y), lambda: orig._loss(x, y))
     for a, b in zip(ours.arch_parameters(), orig.arch_parameters(), strict=True):  # not parameters here
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
@@ -85,8 +94,8 @@ def _sgd_with_momentum(model, x, y):
 @pytest.mark.parametrize("unrolled", [False, True])
 def test_architect_step_matches_the_original_in_fp64(base, unrolled):
     ours, orig = build(base, dtype=torch.float64)
-    x, y = batch(dtype=torch.float64)
-    xv, yv = batch(dtype=torch.float64, seed=3)
+    x, y = inputs(base, dtype=torch.float64)
+    xv, yv = inputs(base, dtype=torch.float64, seed=3)
     opt_ours, opt_orig = _sgd_with_momentum(ours, x, y), _sgd_with_momentum(orig, x, y)
     PAIRS[base][0].Architect(ours, ARGS).step(x, y, xv, yv, 0.1, opt_ours, unrolled)
     grads = originals.darts_arch_grads(
@@ -133,7 +142,7 @@ def test_new_copies_the_alphas_into_fresh_weights(base):
     for a, b in zip(new.arch_parameters(), ours.arch_parameters()):
         assert torch.equal(a, b) and a is not b and a.requires_grad
     assert type(new) is type(ours)
-    assert not torch.equal(new.stem[0].weight, ours.stem[0].weight)
+    assert not torch.equal(new.classifier.weight, ours.classifier.weight)  # fresh weights
 
 
 def test_moving_the_network_moves_the_alphas_in_place(base):
@@ -145,7 +154,7 @@ def test_moving_the_network_moves_the_alphas_in_place(base):
     assert all(a.dtype == torch.float64 and a.is_leaf and a.requires_grad for a in ours.arch_parameters())
     assert [id(a) for a in ours.arch_parameters()] == [id(a) for a in alphas]
     assert architect.optimizer.param_groups[0]["params"][0] is ours.alphas_normal
-    x, y = batch(dtype=torch.float64)
+    x, y = inputs(base, dtype=torch.float64)
     architect.step(x, y, x, y, 0.1, torch.optim.SGD(ours.parameters(), lr=0.1), unrolled=False)
     assert ours.alphas_normal.dtype == torch.float64
 
@@ -154,10 +163,9 @@ def test_the_fused_kernels_run_under_the_compat_modules(base):
     if not fastdarts.backend.extension_loaded():
         pytest.skip("the compiled extension is not built")
     ours, _ = build(base)
-    x, _ = batch()
+    x, _ = inputs(base)
     with torch.profiler.profile() as prof:
         ours(x)
     names = {e.name for e in prof.events()}
-    assert {"_DilConv", "_PoolBN", "_MixedOp"} <= names, sorted(
-        names
-    )  # the autograd Functions of the kernels
+    mixing = "_MixedOp" if base == "darts" else "_PartialChannel"
+    assert {"_DilConv", "_PoolBN", mixing} <= names, sorted(names)  # the autograd Functions of the kernels

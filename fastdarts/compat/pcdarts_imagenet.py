@@ -1,0 +1,51 @@
+"""yuhuixu1993/PC-DARTS ``model_search_imagenet.py`` on fastdarts.
+
+Change the imports of PC-DARTS' ``train_search_imagenet.py``::
+
+    from fastdarts.compat.pcdarts_imagenet import Architect, Network
+
+PC-DARTS' CIFAR network (:mod:`fastdarts.compat.pcdarts`) with two changes: the stem is three 3x3 stride-2
+convolutions (``stem0``: two, with a ReLU between; ``stem1``: ReLU and one more), so 224x224 images reach the cells
+at 28x28 and the first cell reads ``stem0``'s output through a FactorizedReduce; and each edge sends half its
+channels (k = 2) through the candidates. Names and shapes are the original's, so checkpoints load both ways. The
+modules are fastdarts's ``SearchNetwork(space=DARTS_IMAGENET, partial_channels=2, edge_normalization=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from fastdarts.compat import pcdarts
+from fastdarts.compat.darts import OPS, PRIMITIVES, Architect
+from fastdarts.ops import channel_shuffle
+from fastdarts.select.genotype import Genotype
+from fastdarts.spaces import DARTS_IMAGENET, SearchSpace
+
+__all__ = ["OPS", "PRIMITIVES", "Architect", "Cell", "Genotype", "MixedOp", "Network", "channel_shuffle"]
+
+
+class MixedOp(pcdarts.MixedOp):
+    """``MixedOp(C, stride)`` of PC-DARTS' ImageNet search: the candidates on the first C // 2 channels."""
+
+    k = 2
+
+
+class Cell(pcdarts.Cell):
+    """``Cell(steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev)`` with k = 2 edges."""
+
+    @staticmethod
+    def make_edge(C, stride, primitives, affine, partial_channels=MixedOp.k) -> MixedOp:
+        return MixedOp(C, stride)
+
+
+class Network(pcdarts.Network):
+    """``Network(C, num_classes, layers, criterion, steps=4, multiplier=4, stem_multiplier=3)`` of PC-DARTS'
+    ImageNet search: ``stem0``, ``stem1``, cells with k = 2 partial channels and betas."""
+
+    _space: ClassVar[SearchSpace] = DARTS_IMAGENET
+    _variant: ClassVar[dict] = {"partial_channels": MixedOp.k, "edge_normalization": True}
+
+    def make_cell(self, C_prev_prev, C_prev, C, reduction, reduction_prev) -> Cell:
+        return Cell(
+            self.space.steps, self.space.multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev
+        )

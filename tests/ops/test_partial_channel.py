@@ -1,0 +1,198 @@
+"""partial_channel (PC-DARTS' weighted candidates + bypass + channel shuffle) against partial_channel_ref.
+
+Tolerances (S is the largest |oracle| of a result, so that the sums over planes of grad_weights are judged at
+their own scale):
+- float64: torch's defaults against partial_channel_ref.
+- float32: rtol 1e-5, atol 1e-6 * S against partial_channel_ref.
+- float16/bfloat16: the error against the float64 oracle is at most 2x the error of partial_channel_ref computed in
+  the same precision, plus a floor of 1e-6 * max|oracle|.
+The bypass and the shuffle move values without arithmetic, so they must be exact in every dtype (checked below).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdarts import backend
+from fastdarts.errors import UsageError
+from fastdarts.ops import channel_shuffle, partial_channel, partial_channel_ref
+from fastdarts.ops.partial_channel import partial_channel_backward
+from tests.ops.helpers import assert_matches, make_tensor, needs_ext
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (B, C, H, W, groups): PC-DARTS' K = 4 and 2, odd planes, one group (the whole mixed op), one channel per group
+SHAPES = [(3, 8, 6, 4, 4), (2, 6, 10, 2, 2), (1, 4, 2, 6, 1), (2, 4, 4, 4, 4), (4, 12, 8, 8, 3)]
+
+
+def make_inputs(shape, stride, dtype, layout, K=3):
+    B, C, H, W, groups = shape
+    x = make_tensor((B, C, H, W), dtype, layout, "cpu").requires_grad_()
+    out_shape = (B, C // groups, H // stride, W // stride)
+    xs = [make_tensor(out_shape, dtype, layout, "cpu", k).requires_grad_() for k in range(K)]
+    weights = torch.softmax(torch.randn(K, dtype=torch.float64), 0).to(
+        torch.float32 if dtype == torch.float32 else dtype
+    )
+    return xs, weights.requires_grad_(), x
+
+
+def run(fn, xs, weights, x, groups, stride, grad):
+    out = fn(xs, weights, x, groups, stride)
+    return (
+        out,
+        *torch.autograd.grad(out, [*xs, weights, x], grad, allow_unused=True, materialize_grads=True),
+    )
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "mixed"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_matches_reference(dtype, stride, shape, layout):
+    groups = shape[-1]
+    xs, weights, x = make_inputs(shape, stride, dtype, layout)
+    with torch.no_grad():
+        like = partial_channel_ref(xs, weights, x, groups, stride)
+    grad = torch.randn(like.shape, dtype=torch.float64).to(dtype)
+    actual = run(partial_channel, xs, weights, x, groups, stride, grad)
+    ref = run(partial_channel_ref, xs, weights, x, groups, stride, grad)
+    xs64 = [t.detach().double().requires_grad_() for t in xs]
+    w64, x64 = weights.detach().double().requires_grad_(), x.detach().double().requires_grad_()
+    oracle = run(partial_channel_ref, xs64, w64, x64, groups, stride, grad.double())
+    names = ["out", *(f"grad_xs[{k}]" for k in range(len(xs))), "grad_weights", "grad_x"]
+    for name, a, r, o in zip(names, actual, ref, oracle):
+        assert_matches(a, r, o.to(torch.float64), name, reduction_scale=o.abs().max().item())
+    assert actual[0].is_contiguous()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_bypass_and_shuffle_are_exact(dtype, stride):
+    # out[:, i * groups + g] for g > 0 is x[:, g * c + i] (max-pooled): a copy, bit for bit in every dtype
+    B, C, H, W, groups = 2, 8, 4, 6, 4
+    xs, weights, x = make_inputs((B, C, H, W, groups), stride, dtype, "contiguous")
+    out = partial_channel(xs, weights, x, groups, stride)
+    rest = x.detach()[:, C // groups :]
+    rest = F.max_pool2d(rest, 2, 2) if stride == 2 else rest
+    shuffled = out.detach().view(B, C // groups, groups, H // stride, W // stride)
+    expected = rest.view(B, groups - 1, C // groups, H // stride, W // stride).transpose(1, 2)
+    assert torch.equal(shuffled[:, :, 1:], expected)
+
+
+def test_max_pool_bypass_gradient_goes_to_the_first_maximum():
+    # ties everywhere (a constant x), and NaN: ATen gives the gradient to the first maximum in row-major order, NaN
+    # winning; so must the kernel
+    xs, weights, x = make_inputs((2, 4, 4, 4, 2), 2, torch.float32, "contiguous")
+    with torch.no_grad():
+        x.fill_(1.0)
+        x[0, 3, 1, 1] = float("nan")
+    grad = torch.randn(2, 4, 2, 2)
+    actual = run(partial_channel, xs, weights, x, 2, 2, grad)
+    ref = run(partial_channel_ref, xs, weights, x, 2, 2, grad)
+    torch.testing.assert_close(actual[0], ref[0], equal_nan=True)
+    torch.testing.assert_close(actual[-1], ref[-1])
+
+
+def test_matches_pcdarts_formula():
+    # the layer PC-DARTS writes by hand: split, weighted sum, bypass, cat, shuffle
+    xs, weights, x = make_inputs((2, 8, 6, 6, 4), 2, torch.float64, "contiguous")
+    mixed = sum(w * t for w, t in zip(weights, xs))
+    expected = channel_shuffle(torch.cat([mixed, F.max_pool2d(x[:, 2:], 2, 2)], 1), 4)
+    torch.testing.assert_close(partial_channel(xs, weights, x, 4, 2), expected)
+
+
+def test_channel_shuffle_moves_channel_g_c_plus_i_to_i_groups_plus_g():
+    x = torch.arange(6.0).view(1, 6, 1, 1)
+    assert channel_shuffle(x, 2).flatten().tolist() == [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
+
+
+@needs_ext
+def test_backward_pass_gives_every_gradient_once():
+    xs, weights, x = make_inputs((3, 8, 4, 4, 4), 1, torch.float32, "contiguous")
+    grad = torch.randn(3, 8, 4, 4)
+    grad_xs, grad_w, grad_x = partial_channel_backward(grad, xs, weights, x, 4, 1)
+    refs = torch.autograd.grad(partial_channel_ref(xs, weights, x, 4, 1), [*xs, weights, x], grad)
+    for a, r in zip([*grad_xs, grad_w, grad_x], refs):
+        torch.testing.assert_close(a, r)
+    assert torch.all(grad_x[:, :2] == 0)
+
+
+@needs_ext
+def test_deterministic_across_thread_counts():
+    xs, weights, x = make_inputs((16, 16, 8, 8, 4), 1, torch.float32, "contiguous", K=7)
+    grad = torch.randn(16, 16, 8, 8)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append(run(partial_channel, xs, weights, x, 4, 1, grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("backend_name", ["auto", "reference"])
+def test_gradcheck(backend_name, stride):
+    backend.set_backend(backend_name)
+    xs, weights, x = make_inputs((2, 6, 4, 2, 3), stride, torch.float64, "contiguous", K=2)
+    # distinct values, so that no max-pool window has a tie that a finite difference would split
+    with torch.no_grad():
+        x.copy_(torch.randperm(x.numel(), dtype=torch.float64).view_as(x) / x.numel())
+
+    def f(weights, x, *xs):
+        return partial_channel(list(xs), weights, x, 3, stride)
+
+    assert torch.autograd.gradcheck(f, (weights, x, *xs))
+    assert torch.autograd.gradgradcheck(f, (weights, x, *xs))
+
+
+@needs_ext
+def test_opcheck():
+    for stride in (1, 2):
+        xs, weights, x = make_inputs((2, 8, 4, 6, 4), stride, torch.float32, "contiguous")
+        xs, weights, x = [t.detach() for t in xs], weights.detach(), x.detach()
+        torch.library.opcheck(torch.ops.fastdarts_C.partial_channel.default, (xs, weights, x, 4, stride))
+        grad = torch.randn(2, 8, 4 // stride, 6 // stride)
+        torch.library.opcheck(
+            torch.ops.fastdarts_C.partial_channel_backward.default, (grad, xs, weights, x, 4, stride)
+        )
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    xs, weights, x = make_inputs((2, 8, 4, 4, 4), 2, torch.float32, "contiguous")
+
+    def edge(weights, x, *xs):
+        return partial_channel(list(xs), weights, x, 4, 2).square().mean()
+
+    compiled = torch.compile(edge, fullgraph=True, backend="aot_eager")
+    expected = torch.autograd.grad(edge(weights, x, *xs), [weights, x, *xs])
+    actual = torch.autograd.grad(compiled(weights, x, *xs), [weights, x, *xs])
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("fn", [partial_channel, partial_channel_ref])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"groups": 3}, "groups is 3, expected a divisor of the 8 channels of x"),
+        ({"stride": 3}, "stride is 3, expected 1 or 2"),
+        ({"x": torch.randn(2, 8, 5, 4)}, "expected even H and W for stride 2"),
+        ({"xs_shape": (2, 4, 2, 2)}, "xs[0] has shape (2, 4, 2, 2), expected (2, 2, 2, 2)"),
+        (
+            {"x": torch.randn(2, 8, 4, 4, dtype=torch.float64)},
+            "x has dtype torch.float64, expected torch.float32",
+        ),
+        ({"weights": torch.ones(2)}, "weights has shape (2,), expected (3,) for 3 inputs"),
+    ],
+)
+def test_bad_input_is_named(fn, change, message):
+    args = {"groups": 4, "stride": 2, "x": torch.randn(2, 8, 4, 4), "weights": torch.ones(3) / 3}
+    args.update(change)
+    shape = change.get("xs_shape", (2, 2, 2, 2))
+    xs = [torch.randn(shape) for _ in range(3)]
+    with pytest.raises(UsageError) as info:
+        fn(xs, args["weights"], args["x"], args["groups"], args["stride"])
+    assert message in str(info.value)
