@@ -1,5 +1,6 @@
 """Print the ratio of every benchmark group in a pytest-benchmark JSON file: reference median / fastdarts median
-(the reference: the pure-PyTorch backend, or the plain oracle of an original code base in bench_compat).
+(the reference: the pure-PyTorch backend, or the plain oracle of an original code base in bench_compat), and
+fastdarts against any other implementation in the group (a floor such as a plain copy of the same bytes).
 
 python benchmarks/report.py benchmarks/results/<name>.json
 """
@@ -18,13 +19,18 @@ def main(path: str) -> None:
     groups: dict[str, dict[str, float]] = {}
     for bench in data["benchmarks"]:
         params = bench["params"]
-        baseline = {"reference", "original"} & {params.get("impl"), params.get("backend_name")}
-        side = "reference" if baseline else "fastdarts"
+        impl = params.get("impl") or "fastdarts"
+        baseline = {"reference", "original"} & {impl, params.get("backend_name")}
+        side = "reference" if baseline else impl  # another impl (bench_partial_channel's "copy") is a floor
         groups.setdefault(bench["group"], {})[side] = bench["stats"]["median"]
     for group, sides in groups.items():
-        if len(sides) == 2:
-            fast, ref = sides["fastdarts"], sides["reference"]
-            print(f"{group}: {fast * 1e3:.2f} ms vs {ref * 1e3:.2f} ms reference -> {ref / fast:.2f}x")
+        fast, ref = sides.get("fastdarts"), sides.get("reference")
+        if fast is None or ref is None:
+            continue
+        line = f"{group}: {fast * 1e3:.2f} ms vs {ref * 1e3:.2f} ms reference -> {ref / fast:.2f}x"
+        floors = [f"{fast / t:.1f}x the {name} ({t * 1e3:.3f} ms)" for name, t in sides.items()
+                  if name not in ("fastdarts", "reference")]  # fmt: skip
+        print(line + ("; " + ", ".join(floors) if floors else ""))
 
 
 if __name__ == "__main__":
