@@ -6,6 +6,7 @@ not load, the reason is recorded and every op falls back to its ``<op>_ref``. :f
 """
 
 import ctypes
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -26,6 +27,7 @@ __all__ = [
     "info",
     "kernel_live",
     "set_backend",
+    "triton_live",
     "tune_cpu_allocator",
 ]
 
@@ -137,6 +139,12 @@ def kernel_live(op_name: str, device: torch.device) -> bool:
     return _backend == "auto" and _has_kernel(op_name, torch.device(device).type)
 
 
+def triton_live(device: torch.device) -> bool:
+    """Whether ops with a Triton kernel run it for tensors on ``device``: the backend is "auto", the device is a
+    GPU and Triton imports."""
+    return _backend == "auto" and torch.device(device).type == "cuda" and _triton_status()[0]
+
+
 # glibc mallopt parameters and the values tune_cpu_allocator sets: tensors up to 32 MiB (glibc's largest mmap
 # threshold) come from the heap, and up to 512 MiB of freed heap is kept instead of being returned to the OS.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -166,6 +174,7 @@ def tune_cpu_allocator() -> bool:
     return all(mallopt(param, value) == 1 for param, value in _MALLOPT)
 
 
+@functools.cache
 def _triton_status() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"
@@ -197,7 +206,7 @@ def info() -> dict[str, Any]:
         cuda = {"live": False, "why": "no GPU: torch.cuda.is_available() is False"}
     else:
         cuda = {"live": True, "why": "CUDA kernels compiled in and a GPU is present"}
-    triton_live, triton_why = _triton_status()
+    triton_ok, triton_why = _triton_status()
     return {
         "version": _version(),
         "torch": torch.__version__,
@@ -205,5 +214,5 @@ def info() -> dict[str, Any]:
         "build": _BUILD,
         "cpp": cpp,
         "cuda": cuda,
-        "triton": {"live": triton_live, "why": triton_why},
+        "triton": {"live": triton_ok, "why": triton_why},
     }

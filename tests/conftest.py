@@ -1,13 +1,19 @@
 """Shared fixtures: the devices to test on (cuda only when a GPU is present), fixed seeds, and a clean
-fastdarts backend selection around every test."""
+fastdarts backend selection around every test; without a GPU, Triton's interpreter."""
 
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from fastdarts import backend
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter; Triton reads this when a kernel
+    # is decorated, its own library functions included, so it must be set before anything imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fastdarts import backend  # after the Triton switch above
 
 #: Devices the suite runs on: always the CPU, plus the GPU when there is one.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

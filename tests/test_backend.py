@@ -1,9 +1,13 @@
-"""fastdarts.backend.tune_cpu_allocator: freed tensor memory is reused instead of page-faulted back in."""
+"""fastdarts.backend: tune_cpu_allocator (freed tensor memory is reused instead of page-faulted back in) and where
+Triton kernels run."""
 
 import subprocess
 import sys
 
 import pytest
+import torch
+
+from fastdarts import backend
 
 PROBE = """
 import ctypes, resource, sys, torch
@@ -35,3 +39,9 @@ def test_tuned_allocator_reuses_freed_tensor_memory():
     # pages a round); tuned, the same memory comes back every round.
     plain, tuned = page_faults("plain"), page_faults("tuned")
     assert plain > 20 * 2048 / 2 and tuned < plain / 10, (plain, tuned)
+
+
+def test_triton_runs_only_on_a_gpu_with_the_auto_backend():
+    assert not backend.triton_live(torch.device("cpu"))
+    backend.set_backend("reference")
+    assert not backend.triton_live(torch.device("cuda"))

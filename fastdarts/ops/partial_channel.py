@@ -7,12 +7,13 @@ through (2x2 max-pooled on a stride-2 edge) and shuffles the channels in ``group
 
 ``partial_channel_ref`` is that formula in pure PyTorch: the oracle and the fallback. ``partial_channel`` runs
 the compiled operators ``fastdarts_C::partial_channel`` / ``partial_channel_backward`` (csrc/ops/
-partial_channel.cpp on CPU) when :func:`fastdarts.backend.kernel_live` says so: each output plane is written once,
-straight to its shuffled place, and the backward reads each gradient plane once. Output channel
+partial_channel.cpp) on CPU when :func:`fastdarts.backend.kernel_live` says so, and the Triton kernels of
+fastdarts/ops/_triton/partial_channel.py on CUDA when :func:`fastdarts.backend.triton_live` does: each output
+plane is written once, straight to its shuffled place, and the backward reads each gradient plane once. Output channel
 ``o = i * groups + g`` is the mixed channel i when g == 0 and the bypass of x channel ``g * c + i`` otherwise.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +121,8 @@ def partial_channel(xs: Sequence[Tensor], weights: Tensor, x: Tensor, groups: in
 
     ``out = channel_shuffle(cat([sum_k weights[k] * xs[k], bypass(x[:, c:])]), groups)`` with ``c = C / groups``
     and bypass the identity (stride 1) or a 2x2 max pool (stride 2). Runs the fused kernel of ``fastdarts._C``
-    where :func:`fastdarts.backend.kernel_live` says it is live (CPU), :func:`partial_channel_ref` otherwise.
+    on CPU and the Triton kernel on CUDA where they are live (:func:`fastdarts.backend.info`),
+    :func:`partial_channel_ref` otherwise.
     Differentiable any number of times; ``x`` gets the bypass's gradient only (its first c channels reach the
     output through ``xs``). Works with ``torch.compile(fullgraph=True)``.
 
@@ -140,9 +142,22 @@ def partial_channel(xs: Sequence[Tensor], weights: Tensor, x: Tensor, groups: in
             "partial_channel: groups is 3, expected a divisor of the 16 channels of x".
     """
     _check_inputs("partial_channel", xs, weights, x, groups, stride)
-    if backend.kernel_live("partial_channel", x.device):
-        return _PartialChannel.apply(groups, stride, weights, x, *xs)
-    return partial_channel_ref(xs, weights, x, groups, stride)
+    kernels = _kernels(x.device)
+    if kernels is None:
+        return partial_channel_ref(xs, weights, x, groups, stride)
+    return _PartialChannel.apply(kernels, groups, stride, weights, x, *xs)
+
+
+def _kernels(device: torch.device) -> tuple[Callable, Callable] | None:
+    """(forward, backward) of the live kernel for tensors on ``device``: the compiled C++ (CPU) operators, else the
+    Triton kernels (CUDA), else None (the reference)."""
+    if backend.kernel_live("partial_channel", device):
+        return torch.ops.fastdarts_C.partial_channel, torch.ops.fastdarts_C.partial_channel_backward
+    if backend.triton_live(device):
+        from fastdarts.ops._triton import partial_channel as triton_kernels
+
+        return triton_kernels.forward, triton_kernels.backward
+    return None
 
 
 def partial_channel_backward(
@@ -160,22 +175,22 @@ def partial_channel_backward(
         for fp64) and ``grad_x`` ``[B, C, H, W]``, zero in the first C / groups channels.
     """
     _check_inputs("partial_channel_backward", xs, weights, x, groups, stride, grad)
-    if backend.kernel_live("partial_channel_backward", x.device):
-        grad_xs, grad_weights, grad_x = torch.ops.fastdarts_C.partial_channel_backward(
-            grad, list(xs), weights, x, groups, stride
-        )
+    kernels = _kernels(x.device)
+    if kernels is not None:
+        grad_xs, grad_weights, grad_x = kernels[1](grad, list(xs), weights, x, groups, stride)
         return list(grad_xs), grad_weights, grad_x
     return _grads_ref(grad, xs, weights, x, groups, stride, create_graph=False)
 
 
 class _PartialChannel(torch.autograd.Function):
-    """Autograd of ``fastdarts_C::partial_channel`` (inputs: groups, stride, weights, x, then the K tensors)."""
+    """Autograd of a partial_channel kernel (inputs: its (forward, backward), groups, stride, weights, x, then the K
+    tensors)."""
 
     @staticmethod
-    def forward(ctx, groups: int, stride: int, weights: Tensor, x: Tensor, *xs: Tensor) -> Tensor:
-        ctx.groups, ctx.stride = groups, stride
+    def forward(ctx, kernels, groups: int, stride: int, weights: Tensor, x: Tensor, *xs: Tensor) -> Tensor:
+        ctx.kernels, ctx.groups, ctx.stride = kernels, groups, stride
         ctx.save_for_backward(weights, x, *xs)
-        return torch.ops.fastdarts_C.partial_channel(list(xs), weights, x, groups, stride)
+        return kernels[0](list(xs), weights, x, groups, stride)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -183,11 +198,10 @@ class _PartialChannel(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: the reference's gradients, differentiable once more
             grad_xs, grad_weights, grad_x = _grads_ref(grad, xs, weights, x, ctx.groups, ctx.stride, True)
         else:
-            grad_xs, grad_weights, grad_x = torch.ops.fastdarts_C.partial_channel_backward(
-                grad, xs, weights, x, ctx.groups, ctx.stride
-            )
-        _, _, w_need, x_need, *xs_need = ctx.needs_input_grad
+            grad_xs, grad_weights, grad_x = ctx.kernels[1](grad, xs, weights, x, ctx.groups, ctx.stride)
+        _, _, _, w_need, x_need, *xs_need = ctx.needs_input_grad
         return (
+            None,
             None,
             None,
             grad_weights if w_need else None,

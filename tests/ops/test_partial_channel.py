@@ -17,7 +17,7 @@ from fastdarts import backend
 from fastdarts.errors import UsageError
 from fastdarts.ops import channel_shuffle, partial_channel, partial_channel_ref
 from fastdarts.ops.partial_channel import partial_channel_backward
-from tests.ops.helpers import assert_matches, make_tensor, needs_ext
+from tests.ops.helpers import assert_matches, make_tensor, needs_cuda, needs_ext
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (B, C, H, W, groups): PC-DARTS' K = 4 and 2, odd planes, one group (the whole mixed op), one channel per group
@@ -196,3 +196,86 @@ def test_bad_input_is_named(fn, change, message):
     with pytest.raises(UsageError) as info:
         fn(xs, args["weights"], args["x"], args["groups"], args["stride"])
     assert message in str(info.value)
+
+
+# ---- the Triton kernels: on the GPU when there is one, else on the CPU under Triton's interpreter ----------------
+
+
+def _triton_kernels():
+    """fastdarts/ops/_triton/partial_channel.py (without a GPU, tests/conftest.py turned on Triton's interpreter)."""
+    pytest.importorskip("triton")
+    from fastdarts.ops._triton import partial_channel as kernels
+
+    return kernels
+
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 8, 6, 4, 4), (1, 6, 4, 2, 2), (2, 4, 2, 2, 1)], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_triton_kernels_match_the_reference(dtype, stride, shape):
+    kernels = _triton_kernels()
+    groups = shape[-1]
+    xs, weights, x = make_inputs(shape, stride, dtype, "mixed")
+    xs = [t.detach().to(TRITON_DEVICE) for t in xs]
+    weights, x = weights.detach().to(TRITON_DEVICE), x.detach().to(TRITON_DEVICE)
+    with torch.no_grad():
+        x[0, -1].fill_(0.5)  # a plane of ties: the first maximum of each window wins
+    grad = torch.randn(
+        x.shape[0], x.shape[1], x.shape[2] // stride, x.shape[3] // stride, dtype=torch.float64
+    )
+    grad = grad.to(dtype).to(TRITON_DEVICE)
+    actual = (
+        kernels.forward(xs, weights, x, groups, stride),
+        *_flat(kernels.backward(grad, xs, weights, x, groups, stride)),
+    )
+    ref = (
+        partial_channel_ref(xs, weights, x, groups, stride),
+        *_flat(partial_channel_backward_ref(grad, xs, weights, x, groups, stride)),
+    )
+    as64 = [t.double() for t in (*xs, weights, x, grad)]
+    oracle = (
+        partial_channel_ref(as64[: len(xs)], as64[-3], as64[-2], groups, stride),
+        *_flat(partial_channel_backward_ref(as64[-1], as64[: len(xs)], as64[-3], as64[-2], groups, stride)),
+    )
+    names = ["out", *(f"grad_xs[{k}]" for k in range(len(xs))), "grad_weights", "grad_x"]
+    for name, a, r, o in zip(names, actual, ref, oracle, strict=True):
+        if dtype == torch.bfloat16 and TRITON_DEVICE == "cpu":
+            # Triton's interpreter truncates fp32 -> bfloat16 (it ignores fp_downcast_rounding="rtne"; Triton
+            # 3.8), so on the CPU a result may be 1 bfloat16 ulp (2^-7 relative) further off than on the GPU
+            torch.testing.assert_close(a.cpu().double(), o.cpu(), rtol=2**-7, atol=1e-6, msg=name)
+        else:
+            assert_matches(a.cpu(), r.cpu(), o.cpu(), name, reduction_scale=o.abs().max().item())
+
+
+def _flat(grads):
+    grad_xs, grad_w, grad_x = grads
+    return (*grad_xs, grad_w, grad_x)
+
+
+def partial_channel_backward_ref(grad, xs, weights, x, groups, stride):
+    """The reference's three gradients (autograd through partial_channel_ref)."""
+    backend.set_backend("reference")
+    try:
+        return partial_channel_backward(grad, xs, weights, x, groups, stride)
+    finally:
+        backend.set_backend("auto")
+
+
+@needs_cuda
+@pytest.mark.parametrize("stride", [1, 2])
+def test_on_cuda_the_op_runs_the_triton_kernels(stride):
+    xs, weights, x = make_inputs((4, 16, 8, 8, 4), stride, torch.float32, "contiguous")
+    xs = [t.detach().cuda().requires_grad_() for t in xs]
+    weights, x = weights.detach().cuda().requires_grad_(), x.detach().cuda().requires_grad_()
+    grad = torch.randn(4, 16, 8 // stride, 8 // stride, device="cuda")
+    with torch.profiler.profile() as prof:
+        actual = run(partial_channel, xs, weights, x, 4, stride, grad)
+    assert "_PartialChannel" in {e.name for e in prof.events()}
+    ref = run(partial_channel_ref, xs, weights, x, 4, stride, grad)
+    for name, a, r in zip(["out", "grad_xs0", "grad_xs1", "grad_xs2", "grad_weights", "grad_x"], actual, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5, msg=name)
