@@ -41,7 +41,7 @@ class _TqdmHandler(logging.Handler):
 def _build_parser() -> argparse.ArgumentParser:
     from fastdarts.data import DATASETS
     from fastdarts.search.architect import HVP_MODES, ORDERS
-    from fastdarts.search.loop import ALGOS, SearchConfig
+    from fastdarts.search.loop import ALGOS, EARLY_STOPS, SearchConfig
     from fastdarts.spaces import SPACES
 
     d = SearchConfig()
@@ -91,6 +91,17 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arch-lr", type=float, default=d.arch_lr)
     s.add_argument("--arch-weight-decay", type=float, default=d.arch_weight_decay)
     s.add_argument("--train-portion", type=float, default=d.train_portion)
+    s.add_argument(
+        "--track-eigenvalue",
+        action="store_true",
+        help="log the dominant Hessian eigenvalue of the validation loss in alpha after each epoch",
+    )
+    s.add_argument(
+        "--early-stop",
+        default=d.early_stop,
+        choices=list(EARLY_STOPS),
+        help="eigenvalue: R-DARTS' DARTS-ES, stop when the eigenvalue grows too fast (tracking implied)",
+    )
     s.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     s.add_argument("--out", required=True, help="run folder: checkpoint.pt, genotype.json, alphas.pt")
     s.add_argument("--resume", action="store_true", help="continue the search checkpointed in --out")

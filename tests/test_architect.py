@@ -145,3 +145,14 @@ def test_network_of_only_reduction_cells_gets_zero_normal_alpha_gradient(order):
     xt, yt = batch(seed=1)
     grads, _ = Architect(model, ArchitectConfig(order=order)).arch_grads(xt, yt, xt, yt, ETA)
     assert torch.count_nonzero(grads[0]) == 0 and torch.count_nonzero(grads[1]) > 0
+
+
+def test_hvp_pair_agrees_on_a_smooth_network_and_not_on_the_kinked_one():
+    x, y = batch(dtype=torch.float64)
+    xv, yv = batch(dtype=torch.float64, seed=3)
+    model = tiny_network(SMOOTH, torch.float64, smooth=True)
+    fd, exact = Architect(model, ArchitectConfig(order="second", fd_r=1e-4)).hvp_pair(x, y, xv, yv, ETA)
+    assert _rel(fd, exact) < 1e-6
+    model = tiny_network(dtype=torch.float64)  # ReLU and max pooling: the default radius straddles kinks
+    fd, exact = Architect(model, ArchitectConfig(order="second")).hvp_pair(x, y, xv, yv, ETA)
+    assert all(torch.isfinite(t).all() for t in (*fd, *exact)) and _rel(fd, exact) > 1e-6

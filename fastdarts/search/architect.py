@@ -141,21 +141,23 @@ class Architect:
         logits = functional_call(self.model, (dict(zip(names, weights)), buffers), (x,))
         return self.model.criterion(logits, y)
 
+    def _unrolled(
+        self, names, w, buffers, x_train, y_train, eta, network_optimizer, exact: bool
+    ) -> list[Tensor]:
+        """The unrolled weight step w' (kept differentiable w.r.t. alpha when exact)."""
+        loss_train = self._loss_at(names, w, buffers, x_train, y_train)
+        g_train = torch.autograd.grad(loss_train, w, create_graph=exact)
+        moments = self._moments(w, network_optimizer)
+        with torch.set_grad_enabled(exact):
+            return [p - eta * (m + g + self.network_weight_decay * p) for p, g, m in zip(w, g_train, moments)]
+
     def _unrolled_grads(self, x_train, y_train, x_val, y_val, eta, network_optimizer):
         exact = self.config.hvp == "exact"
         alphas = self.model.arch_parameters()
         names, w = self._weights()
         # The extra evaluations must not move the BatchNorm running statistics of the real model.
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-
-        # The unrolled weight step w' (kept differentiable w.r.t. alpha in exact mode).
-        loss_train = self._loss_at(names, w, buffers, x_train, y_train)
-        g_train = torch.autograd.grad(loss_train, w, create_graph=exact)
-        moments = self._moments(w, network_optimizer)
-        with torch.set_grad_enabled(exact):
-            w_prime = [
-                p - eta * (m + g + self.network_weight_decay * p) for p, g, m in zip(w, g_train, moments)
-            ]
+        w_prime = self._unrolled(names, w, buffers, x_train, y_train, eta, network_optimizer, exact)
         if exact:
             loss_val = self._loss_at(names, w_prime, buffers, x_val, y_val)
             return list(_grad(loss_val, alphas)), loss_val.detach()
@@ -166,6 +168,29 @@ class Architect:
         d_alpha, v = list(grads[: len(alphas)]), grads[len(alphas) :]
         hvp = self.fd_hvp(names, w, v, buffers, x_train, y_train)
         return [d - eta * h for d, h in zip(d_alpha, hvp)], loss_val.detach()
+
+    def hvp_pair(
+        self,
+        x_train: Tensor,
+        y_train: Tensor,
+        x_val: Tensor,
+        y_val: Tensor,
+        eta: float,
+        network_optimizer: torch.optim.Optimizer | None = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The Hessian-vector product of the second-order step, grad^2_{alpha, w} L_train(w, alpha) . v with
+        v = grad_w' L_val(w', alpha), computed both ways: (finite difference with this config's fd_r, exact by
+        double backprop). For measuring how far the finite difference is off; nothing is updated."""
+        alphas = self.model.arch_parameters()
+        names, w = self._weights()
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        w_prime = [p.detach().requires_grad_() for p in self._unrolled(names, w, buffers, x_train, y_train, eta,
+                                                                        network_optimizer, exact=False)]  # fmt: skip
+        v = torch.autograd.grad(self._loss_at(names, w_prime, buffers, x_val, y_val), w_prime)
+        fd = self.fd_hvp(names, w, v, buffers, x_train, y_train)
+        g = torch.autograd.grad(self._loss_at(names, w, buffers, x_train, y_train), w, create_graph=True)
+        exact = _grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), alphas)
+        return fd, list(exact)
 
     def fd_hvp(self, names, w, v, buffers, x, y) -> list[Tensor]:
         """(grad_alpha L(w + eps v) - grad_alpha L(w - eps v)) / (2 eps), eps = fd_r / ||v||."""

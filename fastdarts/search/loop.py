@@ -20,12 +20,14 @@ from fastdarts.nn import SearchNetwork
 from fastdarts.search.algorithms import ALGORITHMS, freeze_random_features
 from fastdarts.search.architect import HVP_MODES, ORDERS, Architect, ArchitectConfig
 from fastdarts.search.checkpoint import load_checkpoint, save_atomic
+from fastdarts.search.curvature import early_stop_epoch, hessian_eigenvalue
 from fastdarts.select import Genotype, derive_genotype
 from fastdarts.spaces import SPACES, get_space
 
 log = logging.getLogger(__name__)
 
 ALGOS = tuple(ALGORITHMS)
+EARLY_STOPS = ("none", "eigenvalue")
 CHECKPOINT = "checkpoint.pt"
 # Settings that may change between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = ("device", "workers")
@@ -44,6 +46,9 @@ class SearchConfig:
         lr, lr_min, momentum, weight_decay, grad_clip: SGD on the weights, lr cosine-annealed to lr_min.
         arch_lr, arch_weight_decay: Adam on the alphas (betas 0.5, 0.999).
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+        track_eigenvalue: after each epoch, the dominant eigenvalue of the Hessian of L_val in alpha (on the
+            epoch's first validation batch; see fastdarts.search.curvature).
+        early_stop: "none", or "eigenvalue": R-DARTS' DARTS-ES on the tracked eigenvalue (tracking implied).
     """
 
     space: str = "darts"
@@ -69,9 +74,12 @@ class SearchConfig:
     arch_lr: float = 3e-4
     arch_weight_decay: float = 1e-3
     device: str = "auto"
+    track_eigenvalue: bool = False
+    early_stop: str = "none"
 
     def __post_init__(self) -> None:
-        choices = {"space": tuple(SPACES), "algo": ALGOS, "order": ORDERS, "hvp": HVP_MODES, "data": DATASETS}
+        choices = {"space": tuple(SPACES), "algo": ALGOS, "order": ORDERS, "hvp": HVP_MODES, "data": DATASETS,
+                   "early_stop": EARLY_STOPS}  # fmt: skip
         for field, allowed in choices.items():
             value = getattr(self, field)
             if value not in allowed:
@@ -126,14 +134,16 @@ class EpochRecord:
     val_loss: float
     val_acc: float
     genotype: Genotype
+    eigenvalue: float | None = None  # with track_eigenvalue / early_stop="eigenvalue"
 
 
 @dataclass
 class SearchResult:
-    genotype: Genotype
+    genotype: Genotype  # of the last epoch, or of the epoch early stopping went back to
     history: list[EpochRecord]
     alphas_normal: torch.Tensor  # [epochs, num_edges, K] after each epoch
     alphas_reduce: torch.Tensor
+    stopped_at: int | None = None  # early stopping: the epoch whose genotype is returned
 
 
 # (epoch, step, steps in the epoch, mean loss and accuracy of the epoch's weight steps so far)
@@ -272,23 +282,46 @@ class Search:
                 on_batch(self.epoch, step, len(self.data.train), total_loss / count, correct / count)
         return total_loss / max(count, 1), correct / max(count, 1)
 
+    @property
+    def stopped_at(self) -> int | None:
+        """The epoch whose genotype early stopping keeps, once it has fired (recomputed from the history, so a
+        resumed run stops where an uninterrupted one does)."""
+        if self.config.early_stop != "eigenvalue":
+            return None
+        return early_stop_epoch([r.eigenvalue for r in self.history])
+
+    def eigenvalue(self) -> float:
+        """The dominant Hessian eigenvalue of L_val in alpha on this epoch's first validation batch (a random start
+        seeded by the run's seed and the epoch)."""
+        self.data.val.set_epoch(self.epoch)
+        x, y = next(iter(self.data.val))
+        generator = torch.Generator().manual_seed(self.config.seed * 100003 + self.epoch)
+        self.model.train()
+        return hessian_eigenvalue(self.model, x.to(self.device), y.to(self.device), generator=generator)
+
     def run(self, on_batch: BatchHook | None = None, on_epoch: EpochHook | None = None) -> SearchResult:
         """Run the remaining epochs, checkpointing after each; returns the final genotype and history."""
         log.info("search on %s from epoch %d: %s", self.device, self.epoch, dataclasses.asdict(self.config))
-        while self.epoch < self.config.epochs:
+        tracking = self.config.track_eigenvalue or self.config.early_stop == "eigenvalue"
+        while self.epoch < self.config.epochs and self.stopped_at is None:
             lr = self.scheduler.get_last_lr()[0]
             train_loss, train_acc = self.train_epoch(on_batch)
             self.scheduler.step()
             val_loss, val_acc = evaluate(self.model, self.data.val, self.device)
-            record = EpochRecord(self.epoch, lr, train_loss, train_acc, val_loss, val_acc, self.genotype())
+            record = EpochRecord(self.epoch, lr, train_loss, train_acc, val_loss, val_acc, self.genotype(),
+                                 self.eigenvalue() if tracking else None)  # fmt: skip
             self.history.append(record)
             self.alphas.append((self.model.alphas_normal.detach().cpu().clone(),
                                 self.model.alphas_reduce.detach().cpu().clone()))  # fmt: skip
             self.epoch += 1
             log.info(
-                "epoch %d/%d lr %.5f train loss %.4f acc %.4f val loss %.4f acc %.4f",
+                "epoch %d/%d lr %.5f train loss %.4f acc %.4f val loss %.4f acc %.4f%s",
                 self.epoch, self.config.epochs, lr, train_loss, train_acc, val_loss, val_acc,
+                "" if record.eigenvalue is None else f" eigenvalue {record.eigenvalue:.4g}",
             )  # fmt: skip
+            if self.stopped_at is not None:
+                log.info("early stop: the Hessian eigenvalue grew too fast; keeping epoch %d's genotype",
+                         self.stopped_at + 1)  # fmt: skip
             if self.out_dir is not None:
                 self.save()
             if on_epoch is not None:
@@ -297,8 +330,10 @@ class Search:
 
     def result(self) -> SearchResult:
         stack = (lambda ts: torch.stack(ts)) if self.alphas else (lambda ts: torch.empty(0))
+        stopped = self.stopped_at
         return SearchResult(
-            genotype=self.genotype(),
+            genotype=self.genotype() if stopped is None else self.history[stopped].genotype,
+            stopped_at=stopped,
             history=list(self.history),
             alphas_normal=stack([a for a, _ in self.alphas]),
             alphas_reduce=stack([b for _, b in self.alphas]),
