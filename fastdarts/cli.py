@@ -90,6 +90,12 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grad-clip", type=float, default=d.grad_clip)
     s.add_argument("--arch-lr", type=float, default=d.arch_lr)
     s.add_argument("--arch-weight-decay", type=float, default=d.arch_weight_decay)
+    s.add_argument(
+        "--arch-warmup-epochs",
+        type=int,
+        default=d.arch_warmup_epochs,
+        help="epochs of weight steps only before the architecture steps start (PC-DARTS uses 15)",
+    )
     s.add_argument("--train-portion", type=float, default=d.train_portion)
     s.add_argument(
         "--track-eigenvalue",

@@ -113,6 +113,15 @@ def test_bad_config_values_are_named(field, value, message):
         SearchConfig(**{field: value})
 
 
+def test_architecture_steps_wait_for_the_warmup_epochs():
+    result = run_search(SearchConfig(epochs=2, arch_warmup_epochs=1, algo="pcdarts", **TINY))
+    initial = Search(SearchConfig(epochs=2, algo="pcdarts", **TINY)).model.alphas_normal.detach()
+    assert torch.equal(result.alphas_normal[0], initial)  # epoch 0: weight steps only
+    assert not torch.equal(result.alphas_normal[1], initial)
+    with pytest.raises(UsageError, match="arch_warmup_epochs must be a whole number >= 0, got -1"):
+        SearchConfig(arch_warmup_epochs=-1)
+
+
 def test_partial_channels_must_divide_the_channels():
     with pytest.raises(UsageError, match="init_channels 16 is not a multiple of partial_channels 3"):
         SearchConfig(algo="pcdarts", partial_channels=3)

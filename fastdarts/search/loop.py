@@ -45,6 +45,7 @@ class SearchConfig:
         layers, init_channels: the supernet (cells, channels of the first cell).
         lr, lr_min, momentum, weight_decay, grad_clip: SGD on the weights, lr cosine-annealed to lr_min.
         arch_lr, arch_weight_decay: Adam on the alphas (betas 0.5, 0.999).
+        arch_warmup_epochs: epochs of weight steps only before the architecture steps start (PC-DARTS: 15).
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         track_eigenvalue: after each epoch, the dominant eigenvalue of the Hessian of L_val in alpha (on the
             epoch's first validation batch; see fastdarts.search.curvature).
@@ -73,6 +74,7 @@ class SearchConfig:
     grad_clip: float = 5.0
     arch_lr: float = 3e-4
     arch_weight_decay: float = 1e-3
+    arch_warmup_epochs: int = 0
     device: str = "auto"
     track_eigenvalue: bool = False
     early_stop: str = "none"
@@ -88,6 +90,10 @@ class SearchConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise UsageError(f"{field} must be a whole number >= 1, got {value!r}")
+        if not isinstance(self.arch_warmup_epochs, int) or self.arch_warmup_epochs < 0:
+            raise UsageError(
+                f"arch_warmup_epochs must be a whole number >= 0, got {self.arch_warmup_epochs!r}"
+            )
         for field in ("lr", "lr_min", "arch_lr", "grad_clip"):
             if not getattr(self, field) > 0:
                 raise UsageError(f"{field} must be > 0, got {getattr(self, field)!r}")
@@ -260,7 +266,8 @@ class Search:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x_val, y_val = x_val.to(device, non_blocking=True), y_val.to(device, non_blocking=True)
             model.train()
-            self.architect.step(x, y, x_val, y_val, lr, self.optimizer)
+            if self.epoch >= cfg.arch_warmup_epochs:
+                self.architect.step(x, y, x_val, y_val, lr, self.optimizer)
 
             self.optimizer.zero_grad(set_to_none=True)
             logits = model(x)
