@@ -42,9 +42,11 @@ class Cell(darts.Cell):
     """``Cell(steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev)`` of PC-DARTS;
     ``forward(s0, s1, weights, weights2)`` scales edge e by ``weights2[e]``."""
 
-    @staticmethod
-    def make_edge(C, stride, primitives, affine, partial_channels=MixedOp.k) -> MixedOp:
-        return MixedOp(C, stride)
+    edge: ClassVar[type[MixedOp]] = MixedOp  # the mixed op class (pcdarts_imagenet's has k = 2)
+
+    @classmethod
+    def make_edge(cls, C, stride, primitives, affine, partial_channels=MixedOp.k) -> MixedOp:
+        return cls.edge(C, stride)
 
 
 class Network(darts.Network):
@@ -54,8 +56,9 @@ class Network(darts.Network):
     edges by edge weight x op weight."""
 
     _variant: ClassVar[dict] = {"partial_channels": MixedOp.k, "edge_normalization": True}
+    cell: ClassVar[type[Cell]] = Cell  # the cell class (pcdarts_imagenet's has k = 2 edges)
 
     def make_cell(self, C_prev_prev, C_prev, C, reduction, reduction_prev) -> Cell:
-        return Cell(
+        return self.cell(
             self.space.steps, self.space.multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev
         )

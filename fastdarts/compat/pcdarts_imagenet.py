@@ -33,9 +33,7 @@ class MixedOp(pcdarts.MixedOp):
 class Cell(pcdarts.Cell):
     """``Cell(steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev)`` with k = 2 edges."""
 
-    @staticmethod
-    def make_edge(C, stride, primitives, affine, partial_channels=MixedOp.k) -> MixedOp:
-        return MixedOp(C, stride)
+    edge: ClassVar[type[MixedOp]] = MixedOp
 
 
 class Network(pcdarts.Network):
@@ -44,8 +42,4 @@ class Network(pcdarts.Network):
 
     _space: ClassVar[SearchSpace] = DARTS_IMAGENET
     _variant: ClassVar[dict] = {"partial_channels": MixedOp.k, "edge_normalization": True}
-
-    def make_cell(self, C_prev_prev, C_prev, C, reduction, reduction_prev) -> Cell:
-        return Cell(
-            self.space.steps, self.space.multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev
-        )
+    cell: ClassVar[type[Cell]] = Cell
