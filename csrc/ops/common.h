@@ -57,6 +57,13 @@ inline at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
+// Register tiles written with GCC vector extensions (`typedef T vec __attribute__((vector_size(32)))`) stay in
+// registers only when every loop over a tile has a constant trip count and is unrolled before GCC's scalar
+// replacement runs: put DARTS_UNROLL before those loops, and zero a tile with such a loop, not `vec a[n] = {}`
+// (that one zeroes it on the stack with rep stos and copies it out through 16-byte moves: store-forwarding stalls
+// that cost more than the arithmetic).
+#define DARTS_UNROLL _Pragma("GCC unroll 16")
+
 // at::parallel_for whose tasks run f(begin, end) compiled twice: for AVX2 + FMA, chosen at run time when the CPU
 // has them, and for the baseline ISA the extension is built for. `flatten` inlines f and everything it calls into
 // each copy, so that the vectoriser sees the wider registers (GCC and Clang, x86-64; elsewhere one plain copy).

@@ -120,17 +120,22 @@ template <int V, typename acc_t>
 inline void tap_sum(const acc_t* src, const int64_t* off, const acc_t* w, int64_t ntaps, acc_t* out) {
   typedef acc_t vec __attribute__((vector_size(32)));
   constexpr int64_t L = 32 / sizeof(acc_t);
-  vec a[V] = {};
+  vec a[V];
+  DARTS_UNROLL for (int v = 0; v < V; ++v) {
+    a[v] = vec{};
+  }
   for (int64_t t = 0; t < ntaps; ++t) {
     const acc_t* s = src + off[t];
     const acc_t wv = w[t];
-    for (int v = 0; v < V; ++v) {
+    DARTS_UNROLL for (int v = 0; v < V; ++v) {
       vec x;
       __builtin_memcpy(&x, s + v * L, sizeof(vec));
       a[v] += wv * x;
     }
   }
-  __builtin_memcpy(out, a, sizeof(a));
+  DARTS_UNROLL for (int v = 0; v < V; ++v) {
+    __builtin_memcpy(out + v * L, &a[v], sizeof(vec));
+  }
 }
 
 // tap_sum over [begin, end) (a whole number of kBlock) in blocks of 4 vectors, then of kBlock elements.
@@ -154,17 +159,20 @@ template <int G, typename acc_t>
 inline void tap_dot_group(const acc_t* a, const acc_t* b, const int64_t* off, int64_t len, acc_t* out) {
   typedef acc_t vec __attribute__((vector_size(32)));
   constexpr int64_t L = 32 / sizeof(acc_t);
-  vec acc[G] = {};
+  vec acc[G];
+  DARTS_UNROLL for (int j = 0; j < G; ++j) {
+    acc[j] = vec{};
+  }
   for (int64_t n = 0; n < len; n += L) {
     vec av;
     __builtin_memcpy(&av, a + n, sizeof(vec));
-    for (int j = 0; j < G; ++j) {
+    DARTS_UNROLL for (int j = 0; j < G; ++j) {
       vec bv;
       __builtin_memcpy(&bv, b + off[j] + n, sizeof(vec));
       acc[j] += av * bv;
     }
   }
-  for (int j = 0; j < G; ++j) {
+  DARTS_UNROLL for (int j = 0; j < G; ++j) {
     acc_t lanes[L];
     __builtin_memcpy(lanes, &acc[j], sizeof(vec));
     for (int64_t width = L / 2; width >= 1; width /= 2) {
@@ -176,11 +184,14 @@ inline void tap_dot_group(const acc_t* a, const acc_t* b, const int64_t* off, in
   }
 }
 
-// tap_dot_group over all ntaps taps, eight at a time.
+// tap_dot_group over all ntaps taps, in as few groups of at most eight as there can be, of even sizes (9 taps are
+// 5 + 4, not 8 + 1: a group of one is a single chain of dependent multiply-adds, latency-bound).
 template <typename acc_t>
 inline void tap_dots(const acc_t* a, const acc_t* b, const int64_t* off, int64_t ntaps, int64_t len, acc_t* out) {
-  for (int64_t t = 0; t < ntaps; t += 8) {
-    switch (std::min<int64_t>(8, ntaps - t)) {
+  const int64_t groups = (ntaps + 7) / 8;
+  for (int64_t t = 0, group = 0; group < groups; ++group) {
+    const int64_t size = (ntaps - t + (groups - group) - 1) / (groups - group);
+    switch (size) {
       case 8: tap_dot_group<8>(a, b, off + t, len, out + t); break;
       case 7: tap_dot_group<7>(a, b, off + t, len, out + t); break;
       case 6: tap_dot_group<6>(a, b, off + t, len, out + t); break;
@@ -190,6 +201,7 @@ inline void tap_dots(const acc_t* a, const acc_t* b, const int64_t* off, int64_t
       case 2: tap_dot_group<2>(a, b, off + t, len, out + t); break;
       default: tap_dot_group<1>(a, b, off + t, len, out + t); break;
     }
+    t += size;
   }
 }
 
@@ -212,10 +224,10 @@ inline void copy_run(const scalar_t* __restrict__ src, int64_t s, acc_t* __restr
   }
 }
 
-// Copy one input plane [H, W] into the zeroed phase buffer; with relu, max(x, 0) (DilConv's leading ReLU).
+// Copy one input plane [H, W] into the phase buffer; with relu, max(x, 0) (DilConv's leading ReLU). The buffer is
+// zeroed once when it is made: every plane writes the same runs, so the padding between them stays zero.
 template <typename scalar_t, typename acc_t>
 void scatter_plane(const Geometry& g, const scalar_t* x, acc_t* phases, bool relu) {
-  std::fill(phases, phases + g.stride * g.stride * g.phase_size, acc_t(0));
   g.for_each_run([&](int64_t po, int64_t xo, int64_t len) {
     if (relu) {
       copy_run<true>(x + xo, g.stride, phases + po, len);
@@ -308,19 +320,10 @@ void backward_kernel(const Geometry& g, const scalar_t* grad, const scalar_t* x,
         g.for_each_run([&](int64_t po, int64_t xo, int64_t len) {
           const acc_t* __restrict__ src = gx_phases.data() + po;
           scalar_t* __restrict__ dst = gxp + xo;
-          if (relu) {  // the gradient passes where x > 0, as ReLU's backward
+          if (relu && s == 1) {  // the gradient passes where x > 0, as ReLU's backward
             const scalar_t* __restrict__ xr = xp + xo;
-            auto masked = [](scalar_t xv, acc_t gv) {
-              return static_cast<scalar_t>(static_cast<acc_t>(xv) > acc_t(0) ? gv : acc_t(0));
-            };
-            if (s == 1) {
-              for (int64_t t = 0; t < len; ++t) {
-                dst[t] = masked(xr[t], src[t]);
-              }
-            } else {
-              for (int64_t t = 0; t < len; ++t) {
-                dst[t * s] = masked(xr[t * s], src[t]);
-              }
+            for (int64_t t = 0; t < len; ++t) {
+              dst[t] = static_cast<scalar_t>(static_cast<acc_t>(xr[t]) > acc_t(0) ? src[t] : acc_t(0));
             }
           } else {
             for (int64_t t = 0; t < len; ++t) {
@@ -328,6 +331,11 @@ void backward_kernel(const Geometry& g, const scalar_t* grad, const scalar_t* x,
             }
           }
         });
+        if (relu && s > 1) {  // the runs cover the whole plane: mask it in one contiguous (branch-free) pass
+          for (int64_t i = 0; i < g.H * g.W; ++i) {
+            gxp[i] = static_cast<acc_t>(xp[i]) > acc_t(0) ? gxp[i] : scalar_t(0);
+          }
+        }
       }
     }
   });

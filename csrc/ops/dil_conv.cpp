@@ -29,43 +29,105 @@ namespace {
 using depthwise::Geometry;
 
 using bn::row_grain;
-using depthwise::kBlock;
 
-// out[b, o, :] = sum_i w[o, i] * in[b, i, :] for w [O, I], in [B, I, N], out [B, O, N] (the 1x1 convolution).
-// The partial sums stay in registers across i: blocks of kBlock pixels of one row when the rows are long, blocks of kBlock output
-// channels of one pixel when they are short (2x2 and 4x4 planes).
+// One tile of the 1x1 convolution: kO output rows x V vectors of pixels, the partial sums in kO * V vector
+// registers across the whole reduction over i (GCC vector extensions; a broadcast multiply-add per weight).
+// src points at in[b, 0, n0] (rows N apart), dst[r] at out[b, o0 + r, n0]. Every row is stored (a fixed count,
+// so that the sums stay in registers): rows past O repeat the last row's weights and destination.
+template <int kO, int V, typename T>
+inline void pointwise_tile(const T* const* wr, const T* src, int64_t I, int64_t N, T* const* dst) {
+  typedef T vec __attribute__((vector_size(32)));
+  constexpr int64_t L = 32 / sizeof(T);
+  vec acc[kO][V];
+  DARTS_UNROLL for (int r = 0; r < kO; ++r) {
+    DARTS_UNROLL for (int v = 0; v < V; ++v) {
+      acc[r][v] = vec{};
+    }
+  }
+  for (int64_t i = 0; i < I; ++i) {
+    vec x[V];
+    DARTS_UNROLL for (int v = 0; v < V; ++v) {
+      __builtin_memcpy(&x[v], src + i * N + v * L, sizeof(vec));
+    }
+    DARTS_UNROLL for (int r = 0; r < kO; ++r) {
+      const T wv = wr[r][i];
+      DARTS_UNROLL for (int v = 0; v < V; ++v) {
+        acc[r][v] += wv * x[v];
+      }
+    }
+  }
+  DARTS_UNROLL for (int r = 0; r < kO; ++r) {
+    DARTS_UNROLL for (int v = 0; v < V; ++v) {
+      __builtin_memcpy(dst[r] + v * L, &acc[r][v], sizeof(vec));
+    }
+  }
+}
+
+// The 1x1 convolution on short rows (N < one vector, the 2x2 and 1x1 planes): vectors along the outputs, P pixels
+// x 2 vectors of output channels per tile. wt is w transposed, [I, Op] with Op a whole number of 2 vectors.
+template <int P, typename T>
+inline void pointwise_tile_t(const T* wt, int64_t Op, const T* src, int64_t I, int64_t N, T* dst, int64_t outs) {
+  typedef T vec __attribute__((vector_size(32)));
+  constexpr int64_t L = 32 / sizeof(T);
+  vec acc[P][2];
+  DARTS_UNROLL for (int p = 0; p < P; ++p) {
+    acc[p][0] = acc[p][1] = vec{};
+  }
+  for (int64_t i = 0; i < I; ++i) {
+    vec wv[2];
+    __builtin_memcpy(&wv[0], wt + i * Op, sizeof(vec));
+    __builtin_memcpy(&wv[1], wt + i * Op + L, sizeof(vec));
+    DARTS_UNROLL for (int p = 0; p < P; ++p) {
+      const T xv = src[i * N + p];
+      acc[p][0] += xv * wv[0];
+      acc[p][1] += xv * wv[1];
+    }
+  }
+  DARTS_UNROLL for (int p = 0; p < P; ++p) {
+    T lanes[2 * L];
+    __builtin_memcpy(lanes, &acc[p][0], sizeof(vec));
+    __builtin_memcpy(lanes + L, &acc[p][1], sizeof(vec));
+    for (int64_t l = 0; l < outs; ++l) {
+      dst[l * N + p] = lanes[l];
+    }
+  }
+}
+
+// out[b, o, :] = sum_i w[o, i] * in[b, i, :] for w [O, I], in [B, I, N], out [B, O, N] (the 1x1 convolution), in
+// register tiles: 4 output rows x 2 vectors of pixels when the rows are at least a vector long (the last vector of
+// a row overlaps the one before it instead of a scalar tail), else pixels x output vectors (pointwise_tile_t).
 template <typename T>
 void pointwise(const T* w, const T* in, T* out, int64_t B, int64_t I, int64_t O, int64_t N) {
-  if (N >= kBlock) {
-    fastdarts::parallel_for(0, B * O, row_grain(I * N), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / O, o = r % O;
-        T* dst = out + r * N;
-        const T* src = in + b * I * N;
-        const T* wr = w + o * I;
-        int64_t n0 = 0;
-        for (; n0 + kBlock <= N; n0 += kBlock) {
-          T acc[kBlock] = {};
-          for (int64_t i = 0; i < I; ++i) {
-            const T wv = wr[i];
-            const T* __restrict__ s = src + i * N + n0;
-            for (int64_t l = 0; l < kBlock; ++l) {
-              acc[l] += wv * s[l];
-            }
-          }
-          std::copy_n(acc, kBlock, dst + n0);
+  constexpr int64_t L = 32 / sizeof(T), kO = 4;
+  if (N >= L) {
+    const int64_t tiles = (O + kO - 1) / kO;
+    fastdarts::parallel_for(0, B * tiles, row_grain(kO * I * N), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / tiles, o0 = (t % tiles) * kO;
+        const T* wr[kO];
+        for (int64_t r = 0; r < kO; ++r) {
+          wr[r] = w + std::min(o0 + r, O - 1) * I;  // rows past O repeat the last
         }
-        for (int64_t n = n0; n < N; ++n) {
-          T acc = 0;
-          for (int64_t i = 0; i < I; ++i) {
-            acc += wr[i] * src[i * N + n];
+        const T* src = in + b * I * N;
+        T* dst[kO];
+        auto at = [&](int64_t n0) {
+          for (int64_t r = 0; r < kO; ++r) {
+            dst[r] = out + (b * O + std::min(o0 + r, O - 1)) * N + n0;
           }
-          dst[n] = acc;
+          return dst;
+        };
+        int64_t n0 = 0;
+        for (; n0 + 2 * L <= N; n0 += 2 * L) {
+          pointwise_tile<kO, 2>(wr, src + n0, I, N, at(n0));
+        }
+        for (; n0 < N; n0 += L) {
+          const int64_t start = std::min(n0, N - L);
+          pointwise_tile<kO, 1>(wr, src + start, I, N, at(start));
         }
       }
     });
   } else {
-    const int64_t Op = (O + kBlock - 1) / kBlock * kBlock;
+    const int64_t Op = (O + 2 * L - 1) / (2 * L) * (2 * L);
     std::vector<T> wt(I * Op, T(0));  // w transposed, [I, Op], zero past O
     for (int64_t o = 0; o < O; ++o) {
       for (int64_t i = 0; i < I; ++i) {
@@ -75,20 +137,19 @@ void pointwise(const T* w, const T* in, T* out, int64_t B, int64_t I, int64_t O,
     fastdarts::parallel_for(0, B, row_grain(O * I * N), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const T* src = in + b * I * N;
-        T* dst = out + b * O * N;
-        for (int64_t n = 0; n < N; ++n) {
-          for (int64_t o0 = 0; o0 < O; o0 += kBlock) {
-            T acc[kBlock] = {};
-            for (int64_t i = 0; i < I; ++i) {
-              const T v = src[i * N + n];
-              const T* __restrict__ wr = wt.data() + i * Op + o0;
-              for (int64_t l = 0; l < kBlock; ++l) {
-                acc[l] += v * wr[l];
-              }
-            }
-            for (int64_t l = 0; l < std::min(kBlock, O - o0); ++l) {
-              dst[(o0 + l) * N + n] = acc[l];
-            }
+        for (int64_t o0 = 0; o0 < O; o0 += 2 * L) {
+          T* dst = out + (b * O + o0) * N;
+          const T* wo = wt.data() + o0;
+          const int64_t outs = std::min(2 * L, O - o0);
+          int64_t n = 0;
+          for (; n + 4 <= N; n += 4) {
+            pointwise_tile_t<4>(wo, Op, src + n, I, N, dst + n, outs);
+          }
+          switch (N - n) {
+            case 3: pointwise_tile_t<3>(wo, Op, src + n, I, N, dst + n, outs); break;
+            case 2: pointwise_tile_t<2>(wo, Op, src + n, I, N, dst + n, outs); break;
+            case 1: pointwise_tile_t<1>(wo, Op, src + n, I, N, dst + n, outs); break;
+            default: break;
           }
         }
       }
@@ -120,17 +181,24 @@ void pointwise_grad_weight(const T* g, const T* in, T* gw, int64_t B, int64_t I,
           rows[r] = g + (b * O + std::min(o0 + r, O - 1)) * N;  // rows past O repeat the last, unused
         }
         for (int64_t i0 = 0; i0 < Ip; i0 += L) {
-          vec acc[kRows] = {};
+          vec acc[kRows];
+          DARTS_UNROLL for (int r = 0; r < kRows; ++r) {
+            acc[r] = vec{};
+          }
           for (int64_t n = 0; n < N; ++n) {
             vec v;
             __builtin_memcpy(&v, in_t.data() + n * Ip + i0, sizeof(vec));
-            for (int64_t r = 0; r < kRows; ++r) {
+            DARTS_UNROLL for (int r = 0; r < kRows; ++r) {
               acc[r] += rows[r][n] * v;
             }
           }
+          T sums[kRows][L];  // stored whole first: indexing acc at run time would keep it in memory
+          DARTS_UNROLL for (int r = 0; r < kRows; ++r) {
+            __builtin_memcpy(sums[r], &acc[r], sizeof(vec));
+          }
           for (int64_t r = 0; r < std::min(kRows, O - o0); ++r) {
             for (int64_t l = 0; l < std::min(L, I - i0); ++l) {
-              partial[(b * O + o0 + r) * I + i0 + l] = acc[r][l];
+              partial[(b * O + o0 + r) * I + i0 + l] = sums[r][l];
             }
           }
         }
