@@ -16,7 +16,11 @@ from fastdarts import backend
 from fastdarts.ops import dil_conv, dil_conv_ref
 
 SHAPES = [(64, 8, 8, 8), (64, 16, 4, 4), (64, 32, 2, 2), (16, 16, 32, 32)]
-GEOMETRIES = {"k3d1": (3, 1, 1, 1), "k5d2": (5, 1, 4, 2), "k3d1s2": (3, 2, 1, 1)}  # (k, stride, padding, dilation)
+GEOMETRIES = {
+    "k3d1": (3, 1, 1, 1),
+    "k5d2": (5, 1, 4, 2),
+    "k3d1s2": (3, 2, 1, 1),
+}  # (k, stride, padding, dilation)
 IMPLS = {"fastdarts": dil_conv, "reference": dil_conv_ref}
 
 

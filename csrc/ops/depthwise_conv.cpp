@@ -5,13 +5,12 @@
 // (zero padding). At DARTS' sizes (8 to 64 channels of 2x2 to 32x32) oneDNN spends most of its time per call,
 // not per element; these loops have no set-up beyond one parallel_for over the B x C planes, and each kernel tap is
 // one contiguous loop over a padded copy of the plane (see Geometry). Accumulation is in at::opmath_type (fp32,
-// fp64 for fp64). grad_weight is summed per plane, then over the batch in a fixed order: bitwise the same for any
-// thread count.
+// fp64 for fp64). grad_weight is summed per stack of planes, then over the stacks in a fixed order: bitwise the same
+// for any thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <array>
@@ -59,29 +58,16 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv_backward_cpu(const at::Tensor&
   const at::Tensor x = x_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
   const at::ScalarType acc_dtype = at::toOpMathType(x.scalar_type());
-  const int64_t kk = g.k * g.k;
   at::Tensor grad_x = output_mask[0] ? at::empty_like(x) : at::Tensor();
-  at::Tensor gw_planes = output_mask[1] ? at::empty({g.B, g.C, kk}, x.options().dtype(acc_dtype)) : at::Tensor();
-  // Always run: every plane writes its weight-gradient partial sums, even a plane with no pixels (H = 0).
+  at::Tensor grad_weight = output_mask[1] ? at::empty({g.C, 1, g.k, g.k}, x.options().dtype(acc_dtype)) : at::Tensor();
   const at::Tensor w = as_contiguous(weight, acc_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_kernel<scalar_t>(g, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                               w.const_data_ptr<acc_t>(), output_mask[0] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
-                              output_mask[1] ? gw_planes.mutable_data_ptr<acc_t>() : nullptr);
+                              output_mask[1] ? grad_weight.mutable_data_ptr<acc_t>() : nullptr);
   });
-  at::Tensor grad_weight;
   if (output_mask[1]) {
-    grad_weight = at::zeros({g.C, 1, g.k, g.k}, gw_planes.options());
-    AT_DISPATCH_FLOATING_TYPES(gw_planes.scalar_type(), "depthwise_conv_grad_weight_cpu", [&] {
-      const scalar_t* planes = gw_planes.const_data_ptr<scalar_t>();
-      scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
-      for (int64_t b = 0; b < g.B; ++b) {  // the batch sum in a fixed order
-        for (int64_t e = 0; e < g.C * kk; ++e) {
-          gw[e] += planes[b * g.C * kk + e];
-        }
-      }
-    });
     grad_weight = as_dtype(grad_weight, weight.scalar_type());
   }
   return {grad_x, grad_weight};

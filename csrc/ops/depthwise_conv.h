@@ -21,23 +21,39 @@ namespace depthwise {
 // multiply-add loop per tap over the "grid" of Ho rows of Wq >= Wo columns (the columns past Wo are computed
 // and thrown away). No bounds checks, no strided access: vectorisable for every stride and dilation. The grid is
 // walked in blocks (whole kBlock elements) whose partial sums stay in vector registers across all taps (tap_sums).
+//
+// Small planes are stacked: the S planes of one channel in S consecutive samples (same weights) lie one under the
+// other in each phase buffer, Hq rows apart, and one grid runs over all of them (the Hq - Ho rows between two
+// planes' outputs are thrown away too; the taps of a kept output never reach the next plane, nor those of a kept
+// input gradient the previous plane's kept outputs). A 2x2 plane alone is a few elements of loop set-up; 64 of
+// them are one loop. Taps that read only padding for every output (a 5x5 kernel at dilation 2 on a 2x2 plane has
+// 24 of them) are left out: `live`.
 constexpr int64_t kBlock = 16;
+constexpr int64_t kStackElems = 2048;  // stack planes up to about this many phase elements
 
 struct Geometry {
   int64_t B, C, H, W, k, stride, padding, dilation, Ho, Wo;
   int64_t Hq = 0, Wq = 0;  // one phase plane
-  int64_t phase_size = 0;  // Hq * Wq plus slack for the last row's and the last block's overhang
-  int64_t grid = 0;        // Ho * Wq rounded up to whole blocks: the elements each tap's loop runs over
+  int64_t S = 1;           // planes stacked per task (consecutive samples of one channel)
+  int64_t chunks = 1;      // stacks per channel: ceil(B / S)
+  int64_t phase_size = 0;  // S * Hq * Wq plus slack for the last row's and the last block's overhang
+  int64_t grid = 0;        // ((S - 1) * Hq + Ho) * Wq rounded up to whole blocks: what each tap's loop runs over
   std::vector<int64_t> taps;  // [k * k]: where tap (i, j) starts reading in the phase buffer
+  std::vector<int64_t> live;  // the taps that read at least one input pixel for some output
 
   void finish() {
     Hq = (H + 2 * padding + stride - 1) / stride;
     Wq = (W + 2 * padding + stride - 1) / stride;
-    grid = (Ho * Wq + kBlock - 1) / kBlock * kBlock;
-    phase_size = Hq * Wq + dilation * (k - 1) / stride + kBlock;
+    S = std::max<int64_t>(1, std::min<int64_t>(B, kStackElems / std::max<int64_t>(1, Hq * Wq)));
+    chunks = B > 0 ? (B + S - 1) / S : 0;
+    grid = (((S - 1) * Hq + Ho) * Wq + kBlock - 1) / kBlock * kBlock;
+    phase_size = S * Hq * Wq + dilation * (k - 1) / stride + kBlock;
     for (int64_t i = 0; i < k; ++i) {
       for (int64_t j = 0; j < k; ++j) {
         taps.push_back(tap_offset(i, j));
+        if (reads_input(i, Ho, H) && reads_input(j, Wo, W)) {
+          live.push_back(i * k + j);
+        }
       }
     }
   }
@@ -46,8 +62,19 @@ struct Geometry {
     const int64_t ri = i * dilation, cj = j * dilation;
     return ((ri % stride) * stride + cj % stride) * phase_size + (ri / stride) * Wq + cj / stride;
   }
-  // Calls f(phase_offset, x_offset, len) for each run of len input elements x[x_offset + t * s], t < len, that
-  // lands at phase[phase_offset + t] (the zero padding is in no run).
+  // Whether kernel row (or column) i reads an input row in [0, n) for some output row o < out.
+  bool reads_input(int64_t i, int64_t out, int64_t n) const {
+    for (int64_t o = 0; o < out; ++o) {
+      const int64_t h = o * stride + i * dilation - padding;
+      if (h >= 0 && h < n) {
+        return true;
+      }
+    }
+    return false;
+  }
+  // Calls f(phase_offset, x_offset, len) for each run of len input elements x[x_offset + t * s], t < len, of one
+  // plane that lands at phase[phase_offset + t] for the first plane of a stack (add q * Hq * Wq for plane q; the
+  // zero padding is in no run).
   template <typename F>
   void for_each_run(F f) const {
     for (int64_t a = 0; a < stride; ++a) {
@@ -67,6 +94,12 @@ struct Geometry {
         }
       }
     }
+  }
+  // The tasks: (chunk, channel) pairs, chunk-major; stack t holds samples [b0, b0 + count) of channel c.
+  void stack(int64_t t, int64_t* b0, int64_t* count, int64_t* c) const {
+    *c = t % C;
+    *b0 = (t / C) * S;
+    *count = std::min(S, B - *b0);
   }
 };
 
@@ -96,9 +129,9 @@ inline Geometry check_inputs(const char* op, const at::Tensor& x, const at::Tens
   return g;
 }
 
-// Planes per parallel task: enough work (~32K multiply-adds) to be worth a task.
-inline int64_t plane_grain(const Geometry& g) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.grid * g.k * g.k));
+// Stacks per parallel task: enough work (~32K multiply-adds) to be worth a task.
+inline int64_t stack_grain(const Geometry& g) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.grid * static_cast<int64_t>(g.live.size())));
 }
 
 // The kBlock lanes added pairwise, in a fixed order (16 -> 8 -> 4 -> 1; vectorised).
@@ -224,85 +257,130 @@ inline void copy_run(const scalar_t* __restrict__ src, int64_t s, acc_t* __restr
   }
 }
 
-// Copy one input plane [H, W] into the phase buffer; with relu, max(x, 0) (DilConv's leading ReLU). The buffer is
-// zeroed once when it is made: every plane writes the same runs, so the padding between them stays zero.
+// Copy one input plane [H, W] into the phase buffer at plane q of the stack; with relu, max(x, 0) (DilConv's
+// leading ReLU). The buffer is zeroed once when it is made: every plane writes the same runs, so the padding
+// between them stays zero.
 template <typename scalar_t, typename acc_t>
-void scatter_plane(const Geometry& g, const scalar_t* x, acc_t* phases, bool relu) {
+void scatter_plane(const Geometry& g, const scalar_t* x, acc_t* phases, int64_t q, bool relu) {
+  acc_t* base = phases + q * g.Hq * g.Wq;
   g.for_each_run([&](int64_t po, int64_t xo, int64_t len) {
     if (relu) {
-      copy_run<true>(x + xo, g.stride, phases + po, len);
+      copy_run<true>(x + xo, g.stride, base + po, len);
     } else {
-      copy_run<false>(x + xo, g.stride, phases + po, len);
+      copy_run<false>(x + xo, g.stride, base + po, len);
     }
   });
+}
+
+// The live taps' offsets and, per channel, their weights: [C, live] gathered from w [C, k * k].
+template <typename acc_t>
+std::vector<acc_t> live_weights(const Geometry& g, const acc_t* w) {
+  const int64_t kk = g.k * g.k, nl = static_cast<int64_t>(g.live.size());
+  std::vector<acc_t> out(g.C * nl);
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t j = 0; j < nl; ++j) {
+      out[c * nl + j] = w[c * kk + g.live[j]];
+    }
+  }
+  return out;
 }
 
 template <typename scalar_t>
 void forward_kernel(const Geometry& g, const scalar_t* x, const at::opmath_type<scalar_t>* w, scalar_t* out,
                     bool relu = false) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t kk = g.k * g.k;
-  fastdarts::parallel_for(0, g.B * g.C, plane_grain(g), [&](int64_t begin, int64_t end) {
+  const int64_t nl = static_cast<int64_t>(g.live.size()), HW = g.H * g.W, plane_out = g.Ho * g.Wo;
+  std::vector<int64_t> off(nl);
+  for (int64_t j = 0; j < nl; ++j) {
+    off[j] = g.taps[g.live[j]];
+  }
+  const std::vector<acc_t> wl = live_weights(g, w);
+  fastdarts::parallel_for(0, g.chunks * g.C, stack_grain(g), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> phases(g.stride * g.stride * g.phase_size);
     std::vector<acc_t> acc(g.grid);
-    for (int64_t plane = begin; plane < end; ++plane) {
-      scatter_plane(g, x + plane * g.H * g.W, phases.data(), relu);
-      tap_sums(phases.data(), g.taps.data(), w + (plane % g.C) * kk, kk, acc.data(), 0, g.grid);
-      scalar_t* op = out + plane * g.Ho * g.Wo;
-      for (int64_t oh = 0; oh < g.Ho; ++oh) {
-        for (int64_t ow = 0; ow < g.Wo; ++ow) {
-          op[oh * g.Wo + ow] = static_cast<scalar_t>(acc[oh * g.Wq + ow]);
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t b0, count, c;
+      g.stack(t, &b0, &count, &c);
+      for (int64_t q = 0; q < count; ++q) {
+        scatter_plane(g, x + ((b0 + q) * g.C + c) * HW, phases.data(), q, relu);
+      }
+      tap_sums(phases.data(), off.data(), wl.data() + c * nl, nl, acc.data(), 0, g.grid);
+      for (int64_t q = 0; q < count; ++q) {
+        scalar_t* op = out + ((b0 + q) * g.C + c) * plane_out;
+        const acc_t* src = acc.data() + q * g.Hq * g.Wq;
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          for (int64_t ow = 0; ow < g.Wo; ++ow) {
+            op[oh * g.Wo + ow] = static_cast<scalar_t>(src[oh * g.Wq + ow]);
+          }
         }
       }
     }
   });
 }
 
-// grad_x (when gx is not null) and per-plane weight-gradient partial sums [B * C, k * k] (when gw_planes is not
-// null), in one pass over grad and x. The output gradient is laid out on the grid with zeros in the thrown-away
-// columns, so that it adds nothing there: grad_weight[i, j] is one dot product per tap (tap_dots), and grad_x
-// gathers per phase plane of the padded input gradient (tap_sums over the output gradient).
+// grad_x (when gx is not null) and grad_weight [C, k * k] (when gw is not null), in one pass over grad and x. The
+// output gradient is laid out on the grid with zeros in the thrown-away rows and columns, so that it adds nothing
+// there: grad_weight's live taps are one dot product each per stack (tap_dots), summed over the stacks of a channel
+// in a fixed order (bitwise the same for any thread count); grad_x gathers per phase plane of the padded input
+// gradient (tap_sums over the output gradient).
 template <typename scalar_t>
 void backward_kernel(const Geometry& g, const scalar_t* grad, const scalar_t* x, const at::opmath_type<scalar_t>* w,
-                     scalar_t* gx, at::opmath_type<scalar_t>* gw_planes, bool relu = false) {
+                     scalar_t* gx, at::opmath_type<scalar_t>* gw, bool relu = false) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t kk = g.k * g.k;
-  const int64_t phases = g.stride * g.stride;
-  // grad_x in gather form: phase ph of the padded input gradient is gx_ph[m] = sum over the taps t reading phase ph
-  // of w[t] * go[m - off_t] (off_t: where tap t reads, relative to the output position), register-blocked like
-  // the forward. go lives at offset `front` of a zero buffer, so that m - off_t never leaves it.
+  const int64_t kk = g.k * g.k, nl = static_cast<int64_t>(g.live.size());
+  const int64_t phases = g.stride * g.stride, HW = g.H * g.W, plane_out = g.Ho * g.Wo, plane_q = g.Hq * g.Wq;
+  // grad_x in gather form: phase ph of the padded input gradient is gx_ph[m] = sum over the live taps t reading
+  // phase ph of w[t] * go[m - off_t] (off_t: where tap t reads, relative to the output position), register-blocked
+  // like the forward. go lives at offset `front` of a zero buffer, so that m - off_t never leaves it.
   std::vector<std::vector<int64_t>> phase_taps(phases), phase_offs(phases);  // per phase: t, and -off_t
+  std::vector<int64_t> live_off(nl);
   int64_t front = 0;
-  for (int64_t t = 0; t < kk; ++t) {
+  for (int64_t j = 0; j < nl; ++j) {
+    const int64_t t = g.live[j];
     const int64_t off = g.taps[t] % g.phase_size;
+    live_off[j] = g.taps[t];
     phase_taps[g.taps[t] / g.phase_size].push_back(t);
     phase_offs[g.taps[t] / g.phase_size].push_back(-off);
     front = std::max(front, off);
   }
-  const int64_t span = (g.Hq * g.Wq + kBlock - 1) / kBlock * kBlock;  // the phase elements gathered
+  const int64_t span = (g.S * plane_q + kBlock - 1) / kBlock * kBlock;  // the phase elements gathered
   const int64_t go_size = front + std::max(g.grid, span) + kBlock;
-  fastdarts::parallel_for(0, g.B * g.C, plane_grain(g), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> x_phases(gw_planes ? phases * g.phase_size : 0);
+  std::vector<acc_t> partial(gw ? g.chunks * g.C * nl : 0);  // [chunks, C, live]
+  fastdarts::parallel_for(0, g.chunks * g.C, stack_grain(g), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> x_phases(gw ? phases * g.phase_size : 0);
     std::vector<acc_t> gx_phases(gx ? phases * g.phase_size : 0);
-    std::vector<acc_t> go(go_size, acc_t(0));  // only the Ho x Wo outputs are ever written: zeros elsewhere
+    std::vector<acc_t> go(go_size, acc_t(0));  // only the kept outputs are ever written: zeros elsewhere
     acc_t* const gr = go.data() + front;
     std::vector<acc_t> w_phase(kk);  // the weights of one phase's taps, in phase_taps order
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const scalar_t* gp = grad + plane * g.Ho * g.Wo;
-      for (int64_t oh = 0; oh < g.Ho; ++oh) {
-        for (int64_t ow = 0; ow < g.Wo; ++ow) {
-          gr[oh * g.Wq + ow] = static_cast<acc_t>(gp[oh * g.Wo + ow]);
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t b0, count, c;
+      g.stack(t, &b0, &count, &c);
+      for (int64_t q = 0; q < g.S; ++q) {
+        acc_t* dst = gr + q * plane_q;
+        if (q >= count) {  // a short last stack: zeros for its missing planes
+          for (int64_t oh = 0; oh < g.Ho; ++oh) {
+            std::fill(dst + oh * g.Wq, dst + oh * g.Wq + g.Wo, acc_t(0));
+          }
+          continue;
+        }
+        const scalar_t* gp = grad + ((b0 + q) * g.C + c) * plane_out;
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          for (int64_t ow = 0; ow < g.Wo; ++ow) {
+            dst[oh * g.Wq + ow] = static_cast<acc_t>(gp[oh * g.Wo + ow]);
+          }
         }
       }
-      if (gw_planes) {
-        scatter_plane(g, x + plane * g.H * g.W, x_phases.data(), relu);
-        tap_dots(gr, x_phases.data(), g.taps.data(), kk, g.grid, gw_planes + plane * kk);
+      if (gw) {
+        for (int64_t q = 0; q < count; ++q) {
+          scatter_plane(g, x + ((b0 + q) * g.C + c) * HW, x_phases.data(), q, relu);
+        }
+        tap_dots(gr, x_phases.data(), live_off.data(), nl, g.grid, partial.data() + t * nl);
       }
       if (gx) {
-        const acc_t* wp = w + (plane % g.C) * kk;
+        const acc_t* wp = w + c * kk;
         for (int64_t ph = 0; ph < phases; ++ph) {
           acc_t* dst = gx_phases.data() + ph * g.phase_size;
-          // only the rows that hold input pixels: h = r * s + a - p in [0, H)
+          // only the rows that hold input pixels: h = r * s + a - p in [0, H), in the first and the last plane
           const int64_t a_ph = ph / g.stride;
           const int64_t r_lo = std::max<int64_t>(0, (g.padding - a_ph + g.stride - 1) / g.stride);
           const int64_t r_hi = std::min<int64_t>(g.Hq, (g.H + g.padding - a_ph + g.stride - 1) / g.stride);
@@ -311,34 +389,48 @@ void backward_kernel(const Geometry& g, const scalar_t* grad, const scalar_t* x,
             w_phase[j] = wp[phase_taps[ph][j]];
           }
           const int64_t m_lo = r_lo * g.Wq;
-          const int64_t m_hi = m_lo + (std::max<int64_t>(0, r_hi - r_lo) * g.Wq + kBlock - 1) / kBlock * kBlock;
+          const int64_t rows = std::max<int64_t>(0, (count - 1) * g.Hq + r_hi - r_lo);
+          const int64_t m_hi = m_lo + (rows * g.Wq + kBlock - 1) / kBlock * kBlock;
           tap_sums(gr, phase_offs[ph].data(), w_phase.data(), ntaps, dst, m_lo, m_hi);
         }
-        scalar_t* gxp = gx + plane * g.H * g.W;
-        const scalar_t* xp = x + plane * g.H * g.W;
         const int64_t s = g.stride;
-        g.for_each_run([&](int64_t po, int64_t xo, int64_t len) {
-          const acc_t* __restrict__ src = gx_phases.data() + po;
-          scalar_t* __restrict__ dst = gxp + xo;
-          if (relu && s == 1) {  // the gradient passes where x > 0, as ReLU's backward
-            const scalar_t* __restrict__ xr = xp + xo;
-            for (int64_t t = 0; t < len; ++t) {
-              dst[t] = static_cast<scalar_t>(static_cast<acc_t>(xr[t]) > acc_t(0) ? src[t] : acc_t(0));
+        for (int64_t q = 0; q < count; ++q) {
+          scalar_t* gxp = gx + ((b0 + q) * g.C + c) * HW;
+          const scalar_t* xp = x + ((b0 + q) * g.C + c) * HW;
+          const acc_t* base = gx_phases.data() + q * plane_q;
+          g.for_each_run([&](int64_t po, int64_t xo, int64_t len) {
+            const acc_t* __restrict__ src = base + po;
+            scalar_t* __restrict__ dst = gxp + xo;
+            if (relu && s == 1) {  // the gradient passes where x > 0, as ReLU's backward
+              const scalar_t* __restrict__ xr = xp + xo;
+              for (int64_t i = 0; i < len; ++i) {
+                dst[i] = static_cast<scalar_t>(static_cast<acc_t>(xr[i]) > acc_t(0) ? src[i] : acc_t(0));
+              }
+            } else {
+              for (int64_t i = 0; i < len; ++i) {
+                dst[i * s] = static_cast<scalar_t>(src[i]);
+              }
             }
-          } else {
-            for (int64_t t = 0; t < len; ++t) {
-              dst[t * s] = static_cast<scalar_t>(src[t]);
+          });
+          if (relu && s > 1) {  // the runs cover the whole plane: mask it in one contiguous (branch-free) pass
+            for (int64_t i = 0; i < HW; ++i) {
+              gxp[i] = static_cast<acc_t>(xp[i]) > acc_t(0) ? gxp[i] : scalar_t(0);
             }
-          }
-        });
-        if (relu && s > 1) {  // the runs cover the whole plane: mask it in one contiguous (branch-free) pass
-          for (int64_t i = 0; i < g.H * g.W; ++i) {
-            gxp[i] = static_cast<acc_t>(xp[i]) > acc_t(0) ? gxp[i] : scalar_t(0);
           }
         }
       }
     }
   });
+  if (gw) {
+    std::fill(gw, gw + g.C * kk, acc_t(0));  // dead taps: zero
+    for (int64_t chunk = 0; chunk < g.chunks; ++chunk) {  // the sum over stacks in a fixed order
+      for (int64_t c = 0; c < g.C; ++c) {
+        for (int64_t j = 0; j < nl; ++j) {
+          gw[c * kk + g.live[j]] += partial[(chunk * g.C + c) * nl + j];
+        }
+      }
+    }
+  }
 }
 
 }  // namespace depthwise

@@ -10,7 +10,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -358,24 +357,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dil_conv_
     pointwise<T>(pw_t.const_data_ptr<T>(), gpp, gd.mutable_data_ptr<T>(), B, Co, Ci, N);
     const at::Tensor x = acc_contiguous(x_in);
     const at::Tensor dw = acc_contiguous(dw_weight);
-    const int64_t kk = g.k * g.k;
     if (need_x) {
       gx = at::empty({B, Ci, g.H, g.W}, acc_options);
     }
-    at::Tensor gw_planes = need_dw ? at::empty({B, Ci, kk}, acc_options) : at::Tensor();
+    if (need_dw) {
+      gdw = at::empty({Ci, 1, g.k, g.k}, acc_options);
+    }
     depthwise::backward_kernel<T>(g, gd.const_data_ptr<T>(), x.const_data_ptr<T>(), dw.const_data_ptr<T>(),
                                   need_x ? gx.mutable_data_ptr<T>() : nullptr,
-                                  need_dw ? gw_planes.mutable_data_ptr<T>() : nullptr, /*relu=*/true);
-    if (need_dw) {
-      gdw = at::zeros({Ci, 1, g.k, g.k}, acc_options);
-      const T* planes = gw_planes.const_data_ptr<T>();
-      T* gw = gdw.mutable_data_ptr<T>();
-      for (int64_t b = 0; b < B; ++b) {  // the batch sum in a fixed order
-        for (int64_t e = 0; e < Ci * kk; ++e) {
-          gw[e] += planes[b * Ci * kk + e];
-        }
-      }
-    }
+                                  need_dw ? gdw.mutable_data_ptr<T>() : nullptr, /*relu=*/true);
   });
   const at::Tensor& bn_like = bn_weight ? *bn_weight : x_in;
   return {as_dtype(gx, x_in.scalar_type()), as_dtype(gdw, dw_weight.scalar_type()),

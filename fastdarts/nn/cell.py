@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from fastdarts.nn.edge import mixed_edge, mixed_edge_applies
 from fastdarts.nn.operations import OPS, FactorizedReduce, PoolBN, ReLUConvBN
 from fastdarts.ops import mixed_op, partial_channel
 
@@ -46,6 +47,8 @@ class MixedOp(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         """Mix the candidates. x: [B, C, H, W]; weights: [K] for K primitives. Returns [B, C, H/s, W/s]."""
+        if mixed_edge_applies(x):
+            return mixed_edge([self._ops[k] for k in self._live], x, self.live_weights(weights))
         return mixed_op([self._ops[k](x) for k in self._live], self.live_weights(weights))
 
 

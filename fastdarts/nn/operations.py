@@ -44,7 +44,7 @@ class DepthwiseConv2d(nn.Conv2d):
 
 def _dil_conv_unit(x: Tensor, dw: DepthwiseConv2d, pw: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
     """ReLU -> dw -> pw -> bn as one :func:`fastdarts.ops.dil_conv` call, with ``bn``'s module semantics."""
-    running_mean, running_var, training, momentum = _bn_call(bn)
+    running_mean, running_var, training, momentum = bn_call(bn)
     return ops.dil_conv(
         x, dw.weight, pw.weight, bn.weight, bn.bias, running_mean, running_var, dw.stride[0], dw.padding[0],
         dw.dilation[0], training, momentum, bn.eps,
@@ -79,9 +79,10 @@ class DilConv(nn.Module):
 def dil_conv_block(block: nn.Sequential, x: Tensor) -> Tensor:
     """Run ``block`` = (ReLU, depthwise conv, pointwise conv, BatchNorm) as one fused unit, or as the modules
     themselves when its activation was swapped for another."""
-    if type(block[0]) is not nn.ReLU:
+    relu, dw, pw, bn = block
+    if type(relu) is not nn.ReLU:
         return block(x)
-    return _dil_conv_unit(x, *block[1:])
+    return _dil_conv_unit(x, dw, pw, bn)
 
 
 class SepConv(nn.Module):
@@ -104,12 +105,31 @@ class SepConv(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if type(self.op[0]) is not nn.ReLU or type(self.op[4]) is not nn.ReLU:  # a swapped-in activation
+        units = dil_conv_units(self)
+        if units is None:  # a swapped-in activation
             return self.op(x)
-        return _dil_conv_unit(_dil_conv_unit(x, *self.op[1:4]), *self.op[5:8])
+        for unit in units:
+            x = _dil_conv_unit(x, *unit)
+        return x
 
 
-def _bn_call(bn: nn.BatchNorm2d) -> tuple:
+Unit = tuple[nn.Conv2d, nn.Conv2d, nn.BatchNorm2d]
+"""(depthwise conv, pointwise conv, BatchNorm) after a ReLU: what one :func:`fastdarts.ops.dil_conv` computes."""
+
+
+def dil_conv_units(module: nn.Module) -> tuple[Unit, ...] | None:
+    """The fused units of a :class:`DilConv` (one) or :class:`SepConv` (two) candidate, in order; None for any other
+    module, or when an activation was swapped for another (the module then runs as its own modules)."""
+    kind = type(module)
+    if kind is not DilConv and kind is not SepConv:
+        return None
+    mods = tuple(module.op)
+    if any(type(m) is not nn.ReLU for m in mods[::4]):
+        return None
+    return tuple((mods[i + 1], mods[i + 2], mods[i + 3]) for i in range(0, len(mods), 4))
+
+
+def bn_call(bn: nn.BatchNorm2d) -> tuple:
     """(running_mean, running_var, training, momentum) for a functional BatchNorm call on behalf of ``bn``, with
     the semantics of ``nn.BatchNorm2d.forward`` (num_batches_tracked, momentum None as a cumulative average)."""
     momentum = 0.0 if bn.momentum is None else bn.momentum
@@ -133,31 +153,31 @@ class PoolBN(nn.Sequential):
         return pool_bn_block(self[0], self[1], x)
 
 
-def _pool_kind(pool: nn.Module, bn: nn.BatchNorm2d) -> str | None:
-    """ "max" or "avg" when pool -> bn has the shape :func:`fastdarts.ops.pool_bn` computes (3x3, padding 1,
-    average without the padding, BatchNorm without affine), else None."""
+def pool_bn_kind(pool: nn.Module, bn: nn.BatchNorm2d) -> tuple[str, int] | None:
+    """("max" or "avg", stride) when pool -> bn has the shape :func:`fastdarts.ops.pool_bn` computes (3x3, padding 1,
+    stride 1 or 2, average without the padding, BatchNorm without affine), else None."""
     if type(pool) not in (nn.MaxPool2d, nn.AvgPool2d):
         return None
     if bn.affine or pool.kernel_size not in (3, (3, 3)) or pool.padding not in (1, (1, 1)):
         return None
+    s = pool.stride
+    pair = (s, s) if isinstance(s, int) else tuple(s)
+    if pair not in ((1, 1), (2, 2)):  # the kernel takes square strides 1 and 2
+        return None
     if type(pool) is nn.MaxPool2d and pool.dilation in (1, (1, 1)) and not pool.ceil_mode:
-        return "max"
+        return "max", pair[0]
     if type(pool) is nn.AvgPool2d and not pool.count_include_pad and not pool.ceil_mode:
-        return "avg" if pool.divisor_override is None else None
+        return ("avg", pair[0]) if pool.divisor_override is None else None
     return None
 
 
 def pool_bn_block(pool: nn.Module, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
     """``bn(pool(x))`` as one :func:`fastdarts.ops.pool_bn` call when it has DARTS' shape, else the modules."""
-    kind = _pool_kind(pool, bn)
+    kind = pool_bn_kind(pool, bn)
     if kind is None:
         return bn(pool(x))
-    s = pool.stride
-    pair = (s, s) if isinstance(s, int) else tuple(s)
-    if pair not in ((1, 1), (2, 2)):  # the kernel takes square strides 1 and 2
-        return bn(pool(x))
-    running_mean, running_var, training, momentum = _bn_call(bn)
-    return ops.pool_bn(x, kind, pair[0], running_mean, running_var, training, momentum, bn.eps)
+    running_mean, running_var, training, momentum = bn_call(bn)
+    return ops.pool_bn(x, kind[0], kind[1], running_mean, running_var, training, momentum, bn.eps)
 
 
 class Identity(nn.Module):

@@ -26,7 +26,8 @@ the extra evaluations.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,21 @@ class ArchitectConfig:
 def _grad(loss: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """d loss / d inputs, zeros for an input the loss does not use (alphas_normal in a net of only reductions)."""
     return torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+
+
+@contextmanager
+def _frozen(params: Iterable[Tensor]) -> Iterator[None]:
+    """Runs the block with ``params`` not requiring grad (restored after), so that the graph it records never
+    computes their gradients: autograd.grad w.r.t. other inputs would otherwise still run every custom op's
+    backward for them (its needs_input_grad is fixed at forward time)."""
+    frozen = [p for p in params if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 class Architect:
@@ -129,7 +145,8 @@ class Architect:
         """The architecture gradient of the configured order, one tensor per arch parameter, and L_val."""
         alphas = self.model.arch_parameters()
         if self.config.order == "first":
-            loss = self.model.loss(x_val, y_val)
+            with _frozen(self.model.weight_parameters()):  # no weight gradients computed along the way
+                loss = self.model.loss(x_val, y_val)
             return list(_grad(loss, alphas)), loss.detach()
         return self._unrolled_grads(x_train, y_train, x_val, y_val, eta, network_optimizer)
 

@@ -106,6 +106,22 @@ def test_darts_cifar_shape(device):
         torch.testing.assert_close(a, r)
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
+def test_stacked_small_planes(device, geometry):
+    # 2x2 planes of 45 samples: the CPU kernel stacks them (several stacks per channel, the last one short) and
+    # leaves out the kernel taps that read only padding
+    x, params, stats = make_case((45, 8, 2, 2), torch.float64, "contiguous", device, geometry, True, 8)
+    with torch.no_grad():
+        like = dil_conv_ref(x, *params, *copy_stats(stats), *geometry[1:], True)
+    grad = torch.randn(like.shape, dtype=torch.float64, device=device)
+    actual, actual_stats = run(dil_conv, x, params, copy_stats(stats), geometry, True, grad)
+    ref, ref_stats = run(dil_conv_ref, x, params, copy_stats(stats), geometry, True, grad)
+    for name, a, r in zip(
+        (*NAMES, "running_mean", "running_var"), (*actual, *actual_stats), (*ref, *ref_stats)
+    ):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9, msg=name)
+
+
 @pytest.mark.parametrize("needs", ["x", "dw", "pw"])
 def test_gradients_only_where_needed(device, needs):
     x, (dw, pw, _, _), stats = make_case(
