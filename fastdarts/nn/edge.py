@@ -2,7 +2,7 @@
 
 An edge of the DARTS CNN space runs seven candidates on one input: two pools (``pool_bn`` each), skip, and the
 separable and dilated convolutions (six ``dil_conv`` units), then the weighted sum (``mixed_op``). Run module by
-module, each of those ten ops is its own autograd node with its own Python wrapper, BatchNorm bookkeeping and
+module, each of those nine ops is its own autograd node with its own Python wrapper, BatchNorm bookkeeping and
 gradient accumulation; on a 2-core CPU at DARTS' sizes that costs as much as the kernels themselves (about 100 us
 per unit, measured). :func:`mixed_edge` runs the same kernels from one ``autograd.Function``: one node per edge, the
 running statistics copied in one call, the input gradient accumulated in place. The results are the kernels' own,
@@ -103,10 +103,16 @@ class _MixedEdge(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, n_params, x, weights, *rest):
-        params, externals = rest[:n_params], iter(rest[n_params:])
+        params, externals = iter(rest[:n_params]), iter(rest[n_params:])
         ops = torch.ops.fastdarts_C
         ys, saved, running, new = [], [], [], []
-        p_iter = iter(params)
+
+        def keep(mean, var, training, new_mean, new_var):
+            """Queues a kernel's new running statistics for the one copy below (as ops' copy_running would)."""
+            if training and mean is not None:
+                running.extend((mean, var))
+                new.extend((new_mean, new_var))
+
         for step in plan:
             if step[0] == "identity":
                 ys.append(x)
@@ -119,21 +125,17 @@ class _MixedEdge(torch.autograd.Function):
                 y, p, taps, m, invstd, new_mean, new_var = ops.pool_bn(
                     x, mean, var, is_max, stride, training, momentum, eps
                 )
-                if training and mean is not None:
-                    running += [mean, var]
-                    new += [new_mean, new_var]
+                keep(mean, var, training, new_mean, new_var)
                 ys.append(y)
                 saved.append((p, taps, m, invstd))
             else:
                 h, units = x, []
                 for stride, padding, dilation, mean, var, training, momentum, eps in step[1]:
-                    dw, pw, bw, bb = (next(p_iter) for _ in range(4))
+                    dw, pw, bw, bb = (next(params) for _ in range(4))
                     y, d, p, m, invstd, new_mean, new_var = ops.dil_conv(
                         h, dw, pw, bw, bb, mean, var, stride, padding, dilation, training, momentum, eps
                     )
-                    if training and mean is not None:
-                        running += [mean, var]
-                        new += [new_mean, new_var]
+                    keep(mean, var, training, new_mean, new_var)
                     units.append((h, d, p, m, invstd))
                     h = y
                 ys.append(h)

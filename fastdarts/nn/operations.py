@@ -73,7 +73,7 @@ class DilConv(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return dil_conv_block(self.op, x)
+        return _units_forward(self, x)
 
 
 def dil_conv_block(block: nn.Sequential, x: Tensor) -> Tensor:
@@ -105,12 +105,7 @@ class SepConv(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        units = dil_conv_units(self)
-        if units is None:  # a swapped-in activation
-            return self.op(x)
-        for unit in units:
-            x = _dil_conv_unit(x, *unit)
-        return x
+        return _units_forward(self, x)
 
 
 Unit = tuple[nn.Conv2d, nn.Conv2d, nn.BatchNorm2d]
@@ -127,6 +122,16 @@ def dil_conv_units(module: nn.Module) -> tuple[Unit, ...] | None:
     if any(type(m) is not nn.ReLU for m in mods[::4]):
         return None
     return tuple((mods[i + 1], mods[i + 2], mods[i + 3]) for i in range(0, len(mods), 4))
+
+
+def _units_forward(module: nn.Module, x: Tensor) -> Tensor:
+    """A DilConv or SepConv as its fused units in order, or as its own modules when an activation was swapped."""
+    units = dil_conv_units(module)
+    if units is None:
+        return module.op(x)
+    for unit in units:
+        x = _dil_conv_unit(x, *unit)
+    return x
 
 
 def bn_call(bn: nn.BatchNorm2d) -> tuple:
