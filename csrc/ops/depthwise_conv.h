@@ -28,8 +28,14 @@ namespace depthwise {
 // input gradient the previous plane's kept outputs). A 2x2 plane alone is a few elements of loop set-up; 64 of
 // them are one loop. Taps that read only padding for every output (a 5x5 kernel at dilation 2 on a 2x2 plane has
 // 24 of them) are left out: `live`.
+//
+// Tiny planes (at most kLanePlane outputs, the 4x4 and 2x2 states of DARTS' last cells) take another layout: the
+// kBlock samples of a chunk side by side, one vector lane each ([H * W, kBlock], "lanes"), so that every multiply-add
+// is a whole vector of useful results and the taps that fall in the padding are never visited (each output lists
+// the taps that read the image: LaneTaps). A stacked grid of 2x2 planes is 75% thrown-away positions.
 constexpr int64_t kBlock = 16;
 constexpr int64_t kStackElems = 2048;  // stack planes up to about this many phase elements
+constexpr int64_t kLanePlane = 16;     // planes of at most this many outputs run on lanes
 
 struct Geometry {
   int64_t B, C, H, W, k, stride, padding, dilation, Ho, Wo;
@@ -40,6 +46,15 @@ struct Geometry {
   int64_t grid = 0;        // ((S - 1) * Hq + Ho) * Wq rounded up to whole blocks: what each tap's loop runs over
   std::vector<int64_t> taps;  // [k * k]: where tap (i, j) starts reading in the phase buffer
   std::vector<int64_t> live;  // the taps that read at least one input pixel for some output
+
+  bool on_lanes() const { return Ho * Wo <= kLanePlane; }
+  int64_t lane_chunks() const { return (B + kBlock - 1) / kBlock; }
+  // The lane tasks: (chunk, channel) pairs, chunk-major; chunk t holds samples [b0, b0 + count) of channel c.
+  void lane_chunk(int64_t t, int64_t* b0, int64_t* count, int64_t* c) const {
+    *c = t % C;
+    *b0 = (t / C) * kBlock;
+    *count = std::min(kBlock, B - *b0);
+  }
 
   void finish() {
     Hq = (H + 2 * padding + stride - 1) / stride;
@@ -285,9 +300,176 @@ std::vector<acc_t> live_weights(const Geometry& g, const acc_t* w) {
   return out;
 }
 
+// For each output o (row-major, Ho * Wo of them): the taps that read an image pixel, in tap order, and that pixel
+// (h * W + w): entries [start[o], start[o + 1]).
+struct LaneTaps {
+  std::vector<int64_t> start, tap, pixel;
+};
+
+inline LaneTaps lane_taps(const Geometry& g) {
+  LaneTaps lt;
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      lt.start.push_back(static_cast<int64_t>(lt.tap.size()));
+      for (int64_t i = 0; i < g.k; ++i) {
+        const int64_t h = oh * g.stride - g.padding + i * g.dilation;
+        for (int64_t j = 0; j < g.k && h >= 0 && h < g.H; ++j) {
+          const int64_t w = ow * g.stride - g.padding + j * g.dilation;
+          if (w >= 0 && w < g.W) {
+            lt.tap.push_back(i * g.k + j);
+            lt.pixel.push_back(h * g.W + w);
+          }
+        }
+      }
+    }
+  }
+  lt.start.push_back(static_cast<int64_t>(lt.tap.size()));
+  return lt;
+}
+
+// dst[n * kBlock + s] = src[(b0 + s) * C + c][n] for n < len (max(., 0) with kRelu), zero in the lanes s >= count.
+// The lanes are the inner loop (a fixed count of them in a full chunk): one strided load each, whole-vector stores.
+template <bool kRelu, typename scalar_t, typename acc_t>
+inline void to_lanes(const scalar_t* src, int64_t C, int64_t len, int64_t b0, int64_t count, int64_t c, acc_t* dst) {
+  const scalar_t* base = src + (b0 * C + c) * len;
+  const int64_t step = C * len;  // from one sample to the next
+  auto load = [&](int64_t n, int64_t s) {
+    const acc_t v = static_cast<acc_t>(base[s * step + n]);
+    return kRelu ? (v > acc_t(0) ? v : acc_t(0)) : v;
+  };
+  for (int64_t n = 0; n < len; ++n) {
+    acc_t* d = dst + n * kBlock;
+    if (count == kBlock) {
+      DARTS_UNROLL for (int64_t s = 0; s < kBlock; ++s) {
+        d[s] = load(n, s);
+      }
+    } else {
+      for (int64_t s = 0; s < kBlock; ++s) {
+        d[s] = s < count ? load(n, s) : acc_t(0);
+      }
+    }
+  }
+}
+
+// a[l] += w * b[l] for the kBlock lanes.
+template <typename acc_t>
+inline void lane_fma(acc_t* __restrict__ a, acc_t w, const acc_t* __restrict__ b) {
+  DARTS_UNROLL for (int64_t l = 0; l < kBlock; ++l) {
+    a[l] += w * b[l];
+  }
+}
+
+template <typename scalar_t>
+void lane_forward(const Geometry& g, const scalar_t* x, const at::opmath_type<scalar_t>* w, scalar_t* out, bool relu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LaneTaps lt = lane_taps(g);
+  const int64_t HW = g.H * g.W, N = g.Ho * g.Wo, kk = g.k * g.k;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kBlock * static_cast<int64_t>(lt.tap.size())));
+  fastdarts::parallel_for(0, g.lane_chunks() * g.C, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> in(HW * kBlock), acc(N * kBlock);
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t b0, count, c;
+      g.lane_chunk(t, &b0, &count, &c);
+      if (relu) {
+        to_lanes<true>(x, g.C, HW, b0, count, c, in.data());
+      } else {
+        to_lanes<false>(x, g.C, HW, b0, count, c, in.data());
+      }
+      const acc_t* wc = w + c * kk;
+      for (int64_t o = 0; o < N; ++o) {
+        acc_t a[kBlock];
+        DARTS_UNROLL for (int64_t l = 0; l < kBlock; ++l) {
+          a[l] = acc_t(0);
+        }
+        for (int64_t e = lt.start[o]; e < lt.start[o + 1]; ++e) {
+          lane_fma(a, wc[lt.tap[e]], in.data() + lt.pixel[e] * kBlock);
+        }
+        std::copy_n(a, kBlock, acc.data() + o * kBlock);
+      }
+      const int64_t base = (b0 * g.C + c) * N, step = g.C * N;
+      for (int64_t o = 0; o < N; ++o) {
+        for (int64_t s = 0; s < count; ++s) {
+          out[base + s * step + o] = static_cast<scalar_t>(acc[o * kBlock + s]);
+        }
+      }
+    }
+  });
+}
+
+// The lane layout's backward: grad_weight per tap from the lane products summed per chunk, then over the lanes and
+// the chunks in a fixed order; grad_x as the transposed taps added into lanes of the input.
+template <typename scalar_t>
+void lane_backward(const Geometry& g, const scalar_t* grad, const scalar_t* x, const at::opmath_type<scalar_t>* w,
+                   scalar_t* gx, at::opmath_type<scalar_t>* gw, bool relu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LaneTaps lt = lane_taps(g);
+  const int64_t HW = g.H * g.W, N = g.Ho * g.Wo, kk = g.k * g.k, chunks = g.lane_chunks();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kBlock * static_cast<int64_t>(lt.tap.size())));
+  std::vector<acc_t> partial(gw ? chunks * g.C * kk : 0);  // [chunks, C, k * k]
+  fastdarts::parallel_for(0, chunks * g.C, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> go(N * kBlock), in(gw ? HW * kBlock : 0), gin(gx ? HW * kBlock : 0);
+    std::vector<acc_t> tap_lanes(gw ? kk * kBlock : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t b0, count, c;
+      g.lane_chunk(t, &b0, &count, &c);
+      to_lanes<false>(grad, g.C, N, b0, count, c, go.data());  // zero lanes past count: they add nothing
+      if (gw) {
+        if (relu) {
+          to_lanes<true>(x, g.C, HW, b0, count, c, in.data());
+        } else {
+          to_lanes<false>(x, g.C, HW, b0, count, c, in.data());
+        }
+        std::fill(tap_lanes.begin(), tap_lanes.end(), acc_t(0));
+        for (int64_t o = 0; o < N; ++o) {
+          const acc_t* gr = go.data() + o * kBlock;
+          for (int64_t e = lt.start[o]; e < lt.start[o + 1]; ++e) {
+            acc_t* __restrict__ a = tap_lanes.data() + lt.tap[e] * kBlock;
+            const acc_t* __restrict__ xv = in.data() + lt.pixel[e] * kBlock;
+            DARTS_UNROLL for (int64_t l = 0; l < kBlock; ++l) {
+              a[l] += gr[l] * xv[l];
+            }
+          }
+        }
+        for (int64_t tap = 0; tap < kk; ++tap) {
+          partial[t * kk + tap] = sum_block(tap_lanes.data() + tap * kBlock);
+        }
+      }
+      if (gx) {
+        const acc_t* wc = w + c * kk;
+        std::fill(gin.begin(), gin.end(), acc_t(0));
+        for (int64_t o = 0; o < N; ++o) {
+          for (int64_t e = lt.start[o]; e < lt.start[o + 1]; ++e) {
+            lane_fma(gin.data() + lt.pixel[e] * kBlock, wc[lt.tap[e]], go.data() + o * kBlock);
+          }
+        }
+        const int64_t base = (b0 * g.C + c) * HW, step = g.C * HW;
+        for (int64_t n = 0; n < HW; ++n) {
+          for (int64_t s = 0; s < count; ++s) {
+            const acc_t v = gin[n * kBlock + s];
+            const int64_t at = base + s * step + n;
+            gx[at] = static_cast<scalar_t>(!relu || static_cast<acc_t>(x[at]) > acc_t(0) ? v : acc_t(0));
+          }
+        }
+      }
+    }
+  });
+  if (gw) {
+    std::fill(gw, gw + g.C * kk, acc_t(0));
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {  // the sum over chunks in a fixed order
+      for (int64_t e = 0; e < g.C * kk; ++e) {
+        gw[e] += partial[chunk * g.C * kk + e];
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 void forward_kernel(const Geometry& g, const scalar_t* x, const at::opmath_type<scalar_t>* w, scalar_t* out,
                     bool relu = false) {
+  if (g.on_lanes()) {
+    lane_forward(g, x, w, out, relu);
+    return;
+  }
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nl = static_cast<int64_t>(g.live.size()), HW = g.H * g.W, plane_out = g.Ho * g.Wo;
   std::vector<int64_t> off(nl);
@@ -326,6 +508,10 @@ void forward_kernel(const Geometry& g, const scalar_t* x, const at::opmath_type<
 template <typename scalar_t>
 void backward_kernel(const Geometry& g, const scalar_t* grad, const scalar_t* x, const at::opmath_type<scalar_t>* w,
                      scalar_t* gx, at::opmath_type<scalar_t>* gw, bool relu = false) {
+  if (g.on_lanes()) {
+    lane_backward(g, grad, x, w, gx, gw, relu);
+    return;
+  }
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t kk = g.k * g.k, nl = static_cast<int64_t>(g.live.size());
   const int64_t phases = g.stride * g.stride, HW = g.H * g.W, plane_out = g.Ho * g.Wo, plane_q = g.Hq * g.Wq;

@@ -156,60 +156,87 @@ void pointwise(const T* w, const T* in, T* out, int64_t B, int64_t I, int64_t O,
   }
 }
 
-// gw[o, i] = sum_b sum_n g[b, o, n] * in[b, i, n]: per sample, in[b] is transposed to [N, Ip] (zero-padded to
-// whole vectors) and blocks of kRows x L outputs are summed over n in registers (GCC vector extensions: one AVX2
-// register per output row, a broadcast multiply-add per pixel); then the batch in a fixed order.
+// gw[o, i] = sum_b sum_n g[b, o, n] * in[b, i, n]: each weight one dot product over (b, n), in tiles of 4 x 4
+// weights whose partial sums stay in vector registers (GCC vector extensions), its lanes added pairwise at the end.
+// Rows of N whole vectors are read in place; shorter or ragged rows (the 2x2 planes) are first copied channel-major
+// ([C, B * N], zero-padded to whole vectors). Each weight is summed by one task in a fixed order: bitwise the same
+// for any thread count.
 template <typename T>
 void pointwise_grad_weight(const T* g, const T* in, T* gw, int64_t B, int64_t I, int64_t O, int64_t N) {
   typedef T vec __attribute__((vector_size(32)));
-  constexpr int64_t L = 32 / sizeof(T), kRows = 8;
-  const int64_t Ip = (I + L - 1) / L * L;
-  std::vector<T> partial(B * O * I);
-  fastdarts::parallel_for(0, B, row_grain(O * I * N), [&](int64_t begin, int64_t end) {
-    std::vector<T> in_t(N * Ip, T(0));
-    for (int64_t b = begin; b < end; ++b) {
-      const T* ib = in + b * I * N;
-      for (int64_t i = 0; i < I; ++i) {
-        for (int64_t n = 0; n < N; ++n) {
-          in_t[n * Ip + i] = ib[i * N + n];
+  constexpr int64_t L = 32 / sizeof(T), kT = 4;
+  // the rows: row r of sample b is at base + b * step + r * row, len elements (a whole number of vectors)
+  int64_t nb = B, len = N, g_step = O * N, i_step = I * N, row = N;
+  std::vector<T> gc, ic;
+  if (N % L != 0) {
+    len = row = (B * N + L - 1) / L * L;
+    nb = 1;
+    g_step = i_step = 0;
+    gc.assign(O * len, T(0));
+    ic.assign(I * len, T(0));
+    fastdarts::parallel_for(0, B, row_grain((O + I) * N), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t o = 0; o < O; ++o) {
+          std::copy_n(g + (b * O + o) * N, N, gc.data() + o * len + b * N);
+        }
+        for (int64_t i = 0; i < I; ++i) {
+          std::copy_n(in + (b * I + i) * N, N, ic.data() + i * len + b * N);
         }
       }
-      for (int64_t o0 = 0; o0 < O; o0 += kRows) {
-        const T* rows[kRows];
-        for (int64_t r = 0; r < kRows; ++r) {
-          rows[r] = g + (b * O + std::min(o0 + r, O - 1)) * N;  // rows past O repeat the last, unused
+    });
+    g = gc.data();
+    in = ic.data();
+  }
+  const int64_t o_tiles = (O + kT - 1) / kT, i_tiles = (I + kT - 1) / kT;
+  fastdarts::parallel_for(0, o_tiles * i_tiles, row_grain(kT * kT * nb * len), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o0 = (t / i_tiles) * kT, i0 = (t % i_tiles) * kT;
+      int64_t g_off[kT], i_off[kT];
+      for (int64_t r = 0; r < kT; ++r) {  // rows past O or I repeat the last (their sums are not stored)
+        g_off[r] = std::min(o0 + r, O - 1) * row;
+        i_off[r] = std::min(i0 + r, I - 1) * row;
+      }
+      vec acc[kT][kT];
+      DARTS_UNROLL for (int a = 0; a < kT; ++a) {
+        DARTS_UNROLL for (int c = 0; c < kT; ++c) {
+          acc[a][c] = vec{};
         }
-        for (int64_t i0 = 0; i0 < Ip; i0 += L) {
-          vec acc[kRows];
-          DARTS_UNROLL for (int r = 0; r < kRows; ++r) {
-            acc[r] = vec{};
+      }
+      for (int64_t b = 0; b < nb; ++b) {
+        const T* gb = g + b * g_step;
+        const T* ib = in + b * i_step;
+        for (int64_t n = 0; n < len; n += L) {
+          vec gv[kT], iv[kT];
+          DARTS_UNROLL for (int r = 0; r < kT; ++r) {
+            __builtin_memcpy(&gv[r], gb + g_off[r] + n, sizeof(vec));
+            __builtin_memcpy(&iv[r], ib + i_off[r] + n, sizeof(vec));
           }
-          for (int64_t n = 0; n < N; ++n) {
-            vec v;
-            __builtin_memcpy(&v, in_t.data() + n * Ip + i0, sizeof(vec));
-            DARTS_UNROLL for (int r = 0; r < kRows; ++r) {
-              acc[r] += rows[r][n] * v;
+          DARTS_UNROLL for (int a = 0; a < kT; ++a) {
+            DARTS_UNROLL for (int c = 0; c < kT; ++c) {
+              acc[a][c] += gv[a] * iv[c];
             }
           }
-          T sums[kRows][L];  // stored whole first: indexing acc at run time would keep it in memory
-          DARTS_UNROLL for (int r = 0; r < kRows; ++r) {
-            __builtin_memcpy(sums[r], &acc[r], sizeof(vec));
-          }
-          for (int64_t r = 0; r < std::min(kRows, O - o0); ++r) {
-            for (int64_t l = 0; l < std::min(L, I - i0); ++l) {
-              partial[(b * O + o0 + r) * I + i0 + l] = sums[r][l];
+        }
+      }
+      T lanes[kT][kT][L];  // stored whole first: indexing acc at run time would keep it in memory
+      DARTS_UNROLL for (int a = 0; a < kT; ++a) {
+        DARTS_UNROLL for (int c = 0; c < kT; ++c) {
+          __builtin_memcpy(lanes[a][c], &acc[a][c], sizeof(vec));
+        }
+      }
+      for (int64_t a = 0; a < std::min(kT, O - o0); ++a) {
+        for (int64_t c = 0; c < std::min(kT, I - i0); ++c) {
+          T* l = lanes[a][c];
+          for (int64_t width = L / 2; width >= 1; width /= 2) {
+            for (int64_t k = 0; k < width; ++k) {
+              l[k] += l[k + width];
             }
           }
+          gw[(o0 + a) * I + i0 + c] = l[0];
         }
       }
     }
   });
-  std::fill(gw, gw + O * I, T(0));
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t e = 0; e < O * I; ++e) {
-      gw[e] += partial[b * O * I + e];
-    }
-  }
 }
 
 struct Unit {

@@ -86,12 +86,15 @@ def test_darts_cifar_shapes(device, geometry):
     check_against_ref(x, weight, geometry, torch.randn(4, 16, 32 // s, 32 // s, device=device))
 
 
-@pytest.mark.parametrize("shape", [(45, 2, 2, 2), (23, 2, 12, 12)], ids=["2x2", "12x12"])
+@pytest.mark.parametrize(
+    "shape", [(45, 2, 2, 2), (37, 3, 4, 4), (23, 2, 12, 12)], ids=["2x2", "4x4", "12x12"]
+)
 @pytest.mark.parametrize("geometry", DARTS_GEOMETRIES, ids=geometry_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_stacked_planes(device, dtype, geometry, shape):
-    # The CPU kernel stacks the small planes of one channel (20 of 2x2 planes padded to 10x10, 10 of 12x12 padded
-    # to 14x14): several stacks per channel, the last one short; on 2x2 a dilated 5x5 kernel has one live tap.
+    # The CPU kernel stacks the planes of one channel (10 of 12x12 padded to 14x14): several stacks per channel,
+    # the last one short. Planes of at most 16 outputs (2x2, 4x4) run with 16 samples side by side instead, one
+    # per vector lane: 45 and 37 samples leave a short last chunk; on 2x2 a dilated 5x5 kernel has one live tap.
     x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
     weight = torch.randn(
         shape[1], 1, geometry[0], geometry[0], dtype=dtype, device=device, requires_grad=True

@@ -106,11 +106,13 @@ def test_darts_cifar_shape(device):
         torch.testing.assert_close(a, r)
 
 
+@pytest.mark.parametrize("shape", [(45, 8, 2, 2), (37, 8, 4, 4), (21, 8, 6, 6)], ids=["2x2", "4x4", "6x6"])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
-def test_stacked_small_planes(device, geometry):
-    # 2x2 planes of 45 samples: the CPU kernel stacks them (several stacks per channel, the last one short) and
-    # leaves out the kernel taps that read only padding
-    x, params, stats = make_case((45, 8, 2, 2), torch.float64, "contiguous", device, geometry, True, 8)
+def test_stacked_small_planes(device, geometry, shape):
+    # The CPU kernel runs 2x2 and 4x4 planes with 16 samples side by side (one per vector lane; 45 and 37 samples
+    # leave a short last chunk) and stacks 6x6 planes per channel; the 1x1 convolution's weight gradient copies
+    # the ragged rows of 2x2 and 6x6 planes channel-major first
+    x, params, stats = make_case(shape, torch.float64, "contiguous", device, geometry, True, 8)
     with torch.no_grad():
         like = dil_conv_ref(x, *params, *copy_stats(stats), *geometry[1:], True)
     grad = torch.randn(like.shape, dtype=torch.float64, device=device)
@@ -139,9 +141,10 @@ def test_gradients_only_where_needed(device, needs):
 
 
 @needs_ext
-def test_deterministic_across_thread_counts():
-    x, params, stats = make_case((16, 8, 16, 16), torch.float32, "contiguous", "cpu", (5, 1, 4, 2), True, 8)
-    grad = torch.randn(16, 8, 16, 16)
+@pytest.mark.parametrize("shape", [(16, 8, 16, 16), (40, 8, 2, 2)], ids=["16x16", "2x2"])
+def test_deterministic_across_thread_counts(shape):
+    x, params, stats = make_case(shape, torch.float32, "contiguous", "cpu", (5, 1, 4, 2), True, 8)
+    grad = torch.randn(shape)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -62,6 +62,25 @@ def test_matches_reference(dtype, kind, stride, shape, layout, training):
         assert_matches(a, r, o, name)
 
 
+@pytest.mark.parametrize(
+    "shape", [(50, 2, 8, 8), (70, 3, 5, 5), (33, 2, 1, 3)], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_stacked_planes(kind, stride, shape):
+    # The CPU kernel stacks the padded planes of one channel (20 of 8x8, 41 of 5x5 per stack): several stacks per
+    # channel, the last one short; a 1x3 plane leaves a row of taps that read only padding
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    stats = make_stats(shape[1], torch.float64)
+    with torch.no_grad():
+        like = pool_bn_ref(x, kind, stride, *copy_stats(stats), True)
+    grad = torch.randn(like.shape, dtype=torch.float64)
+    actual, actual_stats = run(x, kind, stride, copy_stats(stats), True, grad, pool_bn)
+    ref, ref_stats = run(x, kind, stride, copy_stats(stats), True, grad, pool_bn_ref)
+    for name, a, r in zip(("out", "grad_x", "mean", "var"), (*actual, *actual_stats), (*ref, *ref_stats)):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9, msg=name)
+
+
 def test_max_pool_gradient_goes_to_the_first_maximum():
     # ties: every window of a constant plane holds its maximum 9 (or 4, 6) times; ATen gives the gradient to the
     # first in row-major order, so must the kernel
@@ -71,6 +90,21 @@ def test_max_pool_gradient_goes_to_the_first_maximum():
     (g,) = torch.autograd.grad(pool_bn(x, "max", 1, *copy_stats(stats), False), x, grad)
     (g_ref,) = torch.autograd.grad(pool_bn_ref(x, "max", 1, *copy_stats(stats), False), x, grad)
     torch.testing.assert_close(g, g_ref)
+
+
+@needs_ext
+@pytest.mark.parametrize("stride", [1, 2])
+def test_max_pool_winning_taps_are_atens_indices(stride):
+    # ties, -inf everywhere in some windows (ATen then names the first pixel inside the image) and NaN (wins)
+    x = torch.randint(0, 3, (3, 2, 7, 6)).float()
+    x[1, 0, :4, :4] = -float("inf")
+    x[2, 1, 2, 3] = float("nan")
+    stats = make_stats(2, torch.float32)
+    taps = torch.ops.fastdarts_C.pool_bn(x, *stats, True, stride, False, 0.1, 1e-5)[2].long()
+    _, indices = torch.nn.functional.max_pool2d(x, 3, stride, 1, return_indices=True)
+    oh = torch.arange(taps.shape[2]).view(-1, 1) * stride - 1 + taps // 3
+    ow = torch.arange(taps.shape[3]).view(1, -1) * stride - 1 + taps % 3
+    assert torch.equal(oh * x.shape[3] + ow, indices)
 
 
 @needs_ext
