@@ -42,9 +42,7 @@ def test_finite_difference_converges_to_exact_hvp_on_a_smooth_network():
     errors = {}
     for r in (1e-2, 1e-3, 1e-4):
         arch = Architect(model, ArchitectConfig(order="second", fd_r=r))
-        names, w = arch._weights()
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        errors[r] = _rel(arch.fd_hvp(names, w, v, buffers, x, y), exact)
+        errors[r] = _rel(arch.fd_hvp(v, x, y), exact)
     assert errors[1e-4] < 1e-6, errors
     assert errors[1e-4] < errors[1e-2], errors  # central difference: error shrinks with eps
 
@@ -128,6 +126,19 @@ def test_architecture_step_moves_only_alphas_and_keeps_running_stats(hvp):
         else:
             assert torch.equal(t, after[name]), name
     assert all(p.grad is None for p in model.weight_parameters())
+
+
+def test_weights_and_running_stats_are_put_back_when_a_pass_fails():
+    # the validation batch has the wrong number of channels: the step fails after the weights took w' in place
+    model = tiny_network()
+    xt, yt = batch(seed=1)
+    opt = _optimizer_with_momentum(model, xt, yt)
+    before = copy.deepcopy(model.state_dict())
+    arch = Architect(model, ArchitectConfig(order="second"))
+    with pytest.raises(RuntimeError):
+        arch.step(xt, yt, xt[:, :1], yt, ETA, opt)
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), name
 
 
 def test_bad_architect_settings_name_the_value():

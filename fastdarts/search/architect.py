@@ -19,9 +19,12 @@ and ``hvp="exact"`` differentiates through w' by double backprop instead. On a n
 pooling the finite difference can differ from the exact product by more than its own norm (kinks inside the
 eps ball); on a smooth network it converges to it as eps shrinks.
 
-The weights are never copied into a second model: w', w+ and w- are evaluated with
-``torch.func.functional_call`` on parameter lists, and BatchNorm running statistics are left as they are by
-the extra evaluations.
+The model is never copied. With ``hvp="fd"`` the model's own weights take w', w+ and w- in place, one after
+the other, and are put back bit-exactly afterwards (from one saved copy of the weights, not of the model); the
+BatchNorm running statistics that those extra passes move are put back too. Evaluating the same weights through
+``torch.func.functional_call`` instead cost about 25 ms per pass on a 2-core CPU at the digits shapes (5 cells,
+C=8; 105 ms against 78 ms for a forward), the swapping of its 2,650 named tensors in and out. ``hvp="exact"`` needs w' as a function of alpha and evaluates it
+functionally.
 """
 
 from __future__ import annotations
@@ -71,6 +74,22 @@ class ArchitectConfig:
 def _grad(loss: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """d loss / d inputs, zeros for an input the loss does not use (alphas_normal in a net of only reductions)."""
     return torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+
+
+@contextmanager
+def _restored(weights: Sequence[Tensor], buffers: Sequence[Tensor]) -> Iterator[list[Tensor]]:
+    """Runs the block, which may change ``weights`` and ``buffers`` in place (the unrolled and perturbed weights,
+    the BatchNorm running statistics of the extra passes), and puts both back bit-exactly after. Yields copies of
+    the weights as they were."""
+    targets = [*weights, *buffers]
+    with torch.no_grad():
+        saved = [t.detach().clone() for t in targets]
+    try:
+        yield saved[: len(weights)]
+    finally:
+        if targets:
+            with torch.no_grad():
+                torch._foreach_copy_(targets, saved)
 
 
 @contextmanager
@@ -158,33 +177,45 @@ class Architect:
         logits = functional_call(self.model, (dict(zip(names, weights)), buffers), (x,))
         return self.model.criterion(logits, y)
 
-    def _unrolled(
-        self, names, w, buffers, x_train, y_train, eta, network_optimizer, exact: bool
+    def _step_of(
+        self, w: Sequence[Tensor], g: Sequence[Tensor], eta: float, network_optimizer
     ) -> list[Tensor]:
-        """The unrolled weight step w' (kept differentiable w.r.t. alpha when exact)."""
-        loss_train = self._loss_at(names, w, buffers, x_train, y_train)
-        g_train = torch.autograd.grad(loss_train, w, create_graph=exact)
+        """The unrolled weight step w' = w - eta * (mu * m + g + lambda * w), one tensor per weight."""
         moments = self._moments(w, network_optimizer)
-        with torch.set_grad_enabled(exact):
-            return [p - eta * (m + g + self.network_weight_decay * p) for p, g, m in zip(w, g_train, moments)]
+        return [p - eta * (m + gi + self.network_weight_decay * p) for p, gi, m in zip(w, g, moments)]
 
     def _unrolled_grads(self, x_train, y_train, x_val, y_val, eta, network_optimizer):
-        exact = self.config.hvp == "exact"
+        if self.config.hvp == "exact":
+            return self._exact_unrolled_grads(x_train, y_train, x_val, y_val, eta, network_optimizer)
+        v, d_alpha, loss_val = self._unrolled_v(x_train, y_train, x_val, y_val, eta, network_optimizer)
+        hvp = self.fd_hvp(v, x_train, y_train)
+        return [d - eta * h for d, h in zip(d_alpha, hvp)], loss_val
+
+    def _unrolled_v(self, x_train, y_train, x_val, y_val, eta, network_optimizer):
+        """v = grad_w' L_val(w', alpha), grad_alpha L_val(w', alpha) and L_val (detached) at the unrolled point
+        w', which the model's weights take in place meanwhile."""
+        alphas = self.model.arch_parameters()
+        _, w = self._weights()
+        with _restored(w, list(self.model.buffers())):
+            with _frozen(alphas):  # the weight gradient only
+                g_train = torch.autograd.grad(self.model.loss(x_train, y_train), w)
+            with torch.no_grad():
+                torch._foreach_copy_(w, self._step_of(w, g_train, eta, network_optimizer))
+            loss_val = self.model.loss(x_val, y_val)
+            grads = _grad(loss_val, [*alphas, *w])
+        return grads[len(alphas) :], list(grads[: len(alphas)]), loss_val.detach()
+
+    def _exact_unrolled_grads(self, x_train, y_train, x_val, y_val, eta, network_optimizer):
+        """Second order through w' by double backprop (w' a function of alpha, evaluated functionally)."""
         alphas = self.model.arch_parameters()
         names, w = self._weights()
         # The extra evaluations must not move the BatchNorm running statistics of the real model.
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-        w_prime = self._unrolled(names, w, buffers, x_train, y_train, eta, network_optimizer, exact)
-        if exact:
-            loss_val = self._loss_at(names, w_prime, buffers, x_val, y_val)
-            return list(_grad(loss_val, alphas)), loss_val.detach()
-
-        w_prime = [p.detach().requires_grad_() for p in w_prime]
+        loss_train = self._loss_at(names, w, buffers, x_train, y_train)
+        g_train = torch.autograd.grad(loss_train, w, create_graph=True)
+        w_prime = self._step_of(w, g_train, eta, network_optimizer)
         loss_val = self._loss_at(names, w_prime, buffers, x_val, y_val)
-        grads = _grad(loss_val, [*alphas, *w_prime])
-        d_alpha, v = list(grads[: len(alphas)]), grads[len(alphas) :]
-        hvp = self.fd_hvp(names, w, v, buffers, x_train, y_train)
-        return [d - eta * h for d, h in zip(d_alpha, hvp)], loss_val.detach()
+        return list(_grad(loss_val, alphas)), loss_val.detach()
 
     def hvp_pair(
         self,
@@ -198,27 +229,31 @@ class Architect:
         """The Hessian-vector product of the second-order step, grad^2_{alpha, w} L_train(w, alpha) . v with
         v = grad_w' L_val(w', alpha), computed both ways: (finite difference with this config's fd_r, exact by
         double backprop). For measuring how far the finite difference is off; nothing is updated."""
-        alphas = self.model.arch_parameters()
-        names, w = self._weights()
-        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-        w_prime = [p.detach().requires_grad_() for p in self._unrolled(names, w, buffers, x_train, y_train, eta,
-                                                                        network_optimizer, exact=False)]  # fmt: skip
-        v = torch.autograd.grad(self._loss_at(names, w_prime, buffers, x_val, y_val), w_prime)
-        fd = self.fd_hvp(names, w, v, buffers, x_train, y_train)
-        g = torch.autograd.grad(self._loss_at(names, w, buffers, x_train, y_train), w, create_graph=True)
-        exact = _grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), alphas)
+        v = self._unrolled_v(x_train, y_train, x_val, y_val, eta, network_optimizer)[0]
+        fd = self.fd_hvp(v, x_train, y_train)
+        _, w = self._weights()
+        with _restored([], list(self.model.buffers())):
+            g = torch.autograd.grad(self.model.loss(x_train, y_train), w, create_graph=True)
+            exact = _grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), self.model.arch_parameters())
         return fd, list(exact)
 
-    def fd_hvp(self, names, w, v, buffers, x, y) -> list[Tensor]:
-        """(grad_alpha L(w + eps v) - grad_alpha L(w - eps v)) / (2 eps), eps = fd_r / ||v||."""
+    def fd_hvp(self, v: Sequence[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
+        """grad^2_{alpha, w} L(w, alpha) . v at the model's weights w, by the central finite difference
+        (grad_alpha L(w + eps v) - grad_alpha L(w - eps v)) / (2 eps), eps = fd_r / ||v||, L the loss on (x, y).
+
+        v: one tensor per trainable weight (in named_weight_parameters order). The weights take w + eps v and
+        w - eps v in place (no copy of the model) and are put back bit-exactly, the running statistics too."""
         alphas = self.model.arch_parameters()
+        _, w = self._weights()
         eps = self.config.fd_r / torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in v]))
-        with torch.no_grad():
-            w_plus = [p + eps * t for p, t in zip(w, v)]
-            w_minus = [p - eps * t for p, t in zip(w, v)]
-        g_plus = _grad(self._loss_at(names, w_plus, buffers, x, y), alphas)
-        g_minus = _grad(self._loss_at(names, w_minus, buffers, x, y), alphas)
-        return [(gp - gm) / (2 * eps) for gp, gm in zip(g_plus, g_minus)]
+        sides = []
+        with _restored(w, list(self.model.buffers())) as center:
+            for sign in (1, -1):
+                with torch.no_grad():
+                    torch._foreach_copy_(w, [c + sign * eps * t for c, t in zip(center, v)])
+                with _frozen(w):  # no weight gradients computed along the way
+                    sides.append(_grad(self.model.loss(x, y), alphas))
+        return [(gp - gm) / (2 * eps) for gp, gm in zip(*sides)]
 
     def _moments(self, w: Sequence[Tensor], optimizer: torch.optim.Optimizer | None) -> list[Tensor | float]:
         """mu * momentum buffer of each weight, or 0 where the optimiser has none yet."""
