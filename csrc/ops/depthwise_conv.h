@@ -61,6 +61,7 @@ struct Geometry {
     Wq = (W + 2 * padding + stride - 1) / stride;
     S = std::max<int64_t>(1, std::min<int64_t>(B, kStackElems / std::max<int64_t>(1, Hq * Wq)));
     chunks = B > 0 ? (B + S - 1) / S : 0;
+    S = chunks > 0 ? (B + chunks - 1) / chunks : 1;  // as many stacks, evened out: 64 planes as 32 + 32, not 56 + 8
     grid = (((S - 1) * Hq + Ho) * Wq + kBlock - 1) / kBlock * kBlock;
     phase_size = S * Hq * Wq + dilation * (k - 1) / stride + kBlock;
     for (int64_t i = 0; i < k; ++i) {
@@ -442,12 +443,11 @@ void lane_backward(const Geometry& g, const scalar_t* grad, const scalar_t* x, c
             lane_fma(gin.data() + lt.pixel[e] * kBlock, wc[lt.tap[e]], go.data() + o * kBlock);
           }
         }
-        const int64_t base = (b0 * g.C + c) * HW, step = g.C * HW;
-        for (int64_t n = 0; n < HW; ++n) {
-          for (int64_t s = 0; s < count; ++s) {
+        for (int64_t s = 0; s < count; ++s) {  // whole rows of gx
+          const int64_t plane = ((b0 + s) * g.C + c) * HW;
+          for (int64_t n = 0; n < HW; ++n) {
             const acc_t v = gin[n * kBlock + s];
-            const int64_t at = base + s * step + n;
-            gx[at] = static_cast<scalar_t>(!relu || static_cast<acc_t>(x[at]) > acc_t(0) ? v : acc_t(0));
+            gx[plane + n] = static_cast<scalar_t>(!relu || static_cast<acc_t>(x[plane + n]) > acc_t(0) ? v : acc_t(0));
           }
         }
       }

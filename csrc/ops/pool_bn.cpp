@@ -147,6 +147,111 @@ void pool_stacks(const Geometry& g, bool is_max, const T* x, T* p, int32_t* taps
   }
 }
 
+// Tiny planes (depthwise::Geometry::on_lanes): the kBlock samples of a chunk side by side, one vector lane each,
+// each output visiting only the taps inside the image (depthwise::LaneTaps). The max starts from -inf and the
+// first of those taps, ATen's index when nothing beats -inf.
+template <typename T>
+void pool_lanes(const Geometry& g, bool is_max, const T* x, T* p, int32_t* taps, int64_t begin, int64_t end) {
+  typedef T vec __attribute__((vector_size(32)));
+  constexpr int64_t L = 32 / sizeof(T), V = depthwise::kBlock / L, K = depthwise::kBlock;
+  const depthwise::LaneTaps lt = depthwise::lane_taps(g);
+  const int64_t HW = g.H * g.W, N = g.Ho * g.Wo;
+  std::vector<T> in(HW * K), acc(N * K), win(N * K);
+  for (int64_t t = begin; t < end; ++t) {
+    int64_t b0, count, c;
+    g.lane_chunk(t, &b0, &count, &c);
+    depthwise::to_lanes<false>(x, g.C, HW, b0, count, c, in.data());
+    for (int64_t o = 0; o < N; ++o) {
+      vec a[V], w[V];
+      DARTS_UNROLL for (int64_t v = 0; v < V; ++v) {
+        a[v] = vec{} + (is_max ? -std::numeric_limits<T>::infinity() : T(0));
+        w[v] = vec{} + static_cast<T>(lt.tap[lt.start[o]]);
+      }
+      for (int64_t e = lt.start[o]; e < lt.start[o + 1]; ++e) {
+        const T* src = in.data() + lt.pixel[e] * K;
+        const vec tap = vec{} + static_cast<T>(lt.tap[e]);
+        DARTS_UNROLL for (int64_t v = 0; v < V; ++v) {
+          vec xv;
+          __builtin_memcpy(&xv, src + v * L, sizeof(vec));
+          if (is_max) {
+            const auto take = (xv > a[v]) | (xv != xv);
+            a[v] = take ? xv : a[v];
+            w[v] = take ? tap : w[v];
+          } else {
+            a[v] += xv;
+          }
+        }
+      }
+      const T n_taps = static_cast<T>(lt.start[o + 1] - lt.start[o]);
+      DARTS_UNROLL for (int64_t v = 0; v < V; ++v) {
+        if (!is_max) {
+          a[v] /= n_taps;
+        }
+        __builtin_memcpy(acc.data() + o * K + v * L, &a[v], sizeof(vec));
+        __builtin_memcpy(win.data() + o * K + v * L, &w[v], sizeof(vec));
+      }
+    }
+    const int64_t base = (b0 * g.C + c) * N, step = g.C * N;
+    for (int64_t o = 0; o < N; ++o) {
+      for (int64_t s = 0; s < count; ++s) {
+        p[base + s * step + o] = acc[o * K + s];
+        if (is_max) {
+          taps[base + s * step + o] = static_cast<int32_t>(win[o * K + s]);
+        }
+      }
+    }
+  }
+}
+
+// pool_lanes' backward: each output's gradient (over the window's pixel count for the average) added, lane by lane,
+// into the input pixels of its taps (for the max, where the tap won), in the order of the outputs.
+template <typename T>
+void pool_backward_lanes(const Geometry& g, bool is_max, const T* gp, const int32_t* taps, T* gx, int64_t begin,
+                         int64_t end) {
+  typedef T vec __attribute__((vector_size(32)));
+  constexpr int64_t L = 32 / sizeof(T), V = depthwise::kBlock / L, K = depthwise::kBlock;
+  const depthwise::LaneTaps lt = depthwise::lane_taps(g);
+  const int64_t HW = g.H * g.W, N = g.Ho * g.Wo;
+  std::vector<T> go(N * K), tw(is_max ? N * K : 0), gin(HW * K);
+  for (int64_t t = begin; t < end; ++t) {
+    int64_t b0, count, c;
+    g.lane_chunk(t, &b0, &count, &c);
+    depthwise::to_lanes<false>(gp, g.C, N, b0, count, c, go.data());  // zero lanes past count
+    if (is_max) {
+      depthwise::to_lanes<false>(taps, g.C, N, b0, count, c, tw.data());
+    }
+    std::fill(gin.begin(), gin.end(), T(0));
+    for (int64_t o = 0; o < N; ++o) {
+      vec gr[V], wr[V];
+      const T n_taps = static_cast<T>(lt.start[o + 1] - lt.start[o]);
+      DARTS_UNROLL for (int64_t v = 0; v < V; ++v) {
+        __builtin_memcpy(&gr[v], go.data() + o * K + v * L, sizeof(vec));
+        if (is_max) {
+          __builtin_memcpy(&wr[v], tw.data() + o * K + v * L, sizeof(vec));
+        } else {
+          gr[v] /= n_taps;
+        }
+      }
+      for (int64_t e = lt.start[o]; e < lt.start[o + 1]; ++e) {
+        T* d = gin.data() + lt.pixel[e] * K;
+        const vec tap = vec{} + static_cast<T>(lt.tap[e]);
+        DARTS_UNROLL for (int64_t v = 0; v < V; ++v) {
+          vec dv;
+          __builtin_memcpy(&dv, d + v * L, sizeof(vec));
+          dv += is_max ? (wr[v] == tap ? gr[v] : vec{}) : gr[v];
+          __builtin_memcpy(d + v * L, &dv, sizeof(vec));
+        }
+      }
+    }
+    for (int64_t s = 0; s < count; ++s) {  // whole rows of gx
+      T* gxp = gx + ((b0 + s) * g.C + c) * HW;
+      for (int64_t n = 0; n < HW; ++n) {
+        gxp[n] = gin[n * K + s];
+      }
+    }
+  }
+}
+
 // grad_x of the pool for the stacks [begin, end), from grad_p, added into the padded input gradient of each stack
 // (the padding collects what falls outside and is dropped). Max: each kept output's gradient goes to its winning
 // tap, one scatter (windows overlap: scalar). Average: the output gradient over the window's pixel count, laid out
@@ -230,9 +335,15 @@ Outputs pool_bn_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& run
     const T* xp = x.const_data_ptr<T>();
     T* pp = p.mutable_data_ptr<T>();
     int32_t* tp = is_max ? taps.mutable_data_ptr<int32_t>() : nullptr;
-    fastdarts::parallel_for(0, g.chunks * g.C, depthwise::stack_grain(g), [&](int64_t begin, int64_t end) {
-      pool_stacks<T>(g, is_max, xp, pp, tp, begin, end);
-    });
+    if (g.on_lanes()) {
+      fastdarts::parallel_for(0, g.lane_chunks() * g.C, 1, [&](int64_t begin, int64_t end) {
+        pool_lanes<T>(g, is_max, xp, pp, tp, begin, end);
+      });
+    } else {
+      fastdarts::parallel_for(0, g.chunks * g.C, depthwise::stack_grain(g), [&](int64_t begin, int64_t end) {
+        pool_stacks<T>(g, is_max, xp, pp, tp, begin, end);
+      });
+    }
     const bool with_stats = running_mean.has_value();
     stats = bn::forward<T>(pp, y.mutable_data_ptr<T>(), g.B, g.C, g.Ho * g.Wo, std::nullopt, std::nullopt,
                            with_stats ? running_mean : std::nullopt, with_stats ? running_var : std::nullopt,
@@ -276,9 +387,15 @@ at::Tensor pool_bn_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
     const T* gpp = gp.const_data_ptr<T>();
     const int32_t* tp = is_max ? taps.const_data_ptr<int32_t>() : nullptr;
     T* gxp = gx.mutable_data_ptr<T>();
-    fastdarts::parallel_for(0, g.chunks * g.C, depthwise::stack_grain(g), [&](int64_t begin, int64_t end) {
-      pool_backward_stacks<T>(g, is_max, gpp, tp, gxp, begin, end);
-    });
+    if (g.on_lanes()) {
+      fastdarts::parallel_for(0, g.lane_chunks() * g.C, 1, [&](int64_t begin, int64_t end) {
+        pool_backward_lanes<T>(g, is_max, gpp, tp, gxp, begin, end);
+      });
+    } else {
+      fastdarts::parallel_for(0, g.chunks * g.C, depthwise::stack_grain(g), [&](int64_t begin, int64_t end) {
+        pool_backward_stacks<T>(g, is_max, gpp, tp, gxp, begin, end);
+      });
+    }
   });
   return as_dtype(gx, x_in.scalar_type());
 }

@@ -68,8 +68,9 @@ def test_matches_reference(dtype, kind, stride, shape, layout, training):
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("kind", ["max", "avg"])
 def test_stacked_planes(kind, stride, shape):
-    # The CPU kernel stacks the padded planes of one channel (20 of 8x8, 41 of 5x5 per stack): several stacks per
-    # channel, the last one short; a 1x3 plane leaves a row of taps that read only padding
+    # The CPU kernel stacks the padded planes of one channel (50 of 8x8 as 17 + 17 + 16, 70 of 5x5 as 35 + 35);
+    # planes of at most 16 outputs (5x5 and 8x8 at stride 2, 1x3) run with 16 samples side by side, one per vector
+    # lane (33 samples: a short last chunk); a 1x3 plane has a row of taps that read only padding
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     stats = make_stats(shape[1], torch.float64)
     with torch.no_grad():
