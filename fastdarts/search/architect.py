@@ -187,22 +187,22 @@ class Architect:
     def _unrolled_grads(self, x_train, y_train, x_val, y_val, eta, network_optimizer):
         if self.config.hvp == "exact":
             return self._exact_unrolled_grads(x_train, y_train, x_val, y_val, eta, network_optimizer)
-        v, d_alpha, loss_val = self._unrolled_v(x_train, y_train, x_val, y_val, eta, network_optimizer)
-        hvp = self.fd_hvp(v, x_train, y_train)
+        _, w = self._weights()
+        with _restored(w, list(self.model.buffers())) as center:
+            v, d_alpha, loss_val = self._unrolled_v(w, x_train, y_train, x_val, y_val, eta, network_optimizer)
+            hvp = self._fd_hvp(w, center, v, x_train, y_train)
         return [d - eta * h for d, h in zip(d_alpha, hvp)], loss_val
 
-    def _unrolled_v(self, x_train, y_train, x_val, y_val, eta, network_optimizer):
-        """v = grad_w' L_val(w', alpha), grad_alpha L_val(w', alpha) and L_val (detached) at the unrolled point
-        w', which the model's weights take in place meanwhile."""
+    def _unrolled_v(self, w, x_train, y_train, x_val, y_val, eta, network_optimizer):
+        """Moves the weights w to the unrolled point w' in place (the caller puts them back: _restored); returns
+        v = grad_w' L_val(w', alpha), grad_alpha L_val(w', alpha) and L_val (detached)."""
         alphas = self.model.arch_parameters()
-        _, w = self._weights()
-        with _restored(w, list(self.model.buffers())):
-            with _frozen(alphas):  # the weight gradient only
-                g_train = torch.autograd.grad(self.model.loss(x_train, y_train), w)
-            with torch.no_grad():
-                torch._foreach_copy_(w, self._step_of(w, g_train, eta, network_optimizer))
-            loss_val = self.model.loss(x_val, y_val)
-            grads = _grad(loss_val, [*alphas, *w])
+        with _frozen(alphas):  # the weight gradient only
+            g_train = torch.autograd.grad(self.model.loss(x_train, y_train), w)
+        with torch.no_grad():
+            torch._foreach_copy_(w, self._step_of(w, g_train, eta, network_optimizer))
+        loss_val = self.model.loss(x_val, y_val)
+        grads = _grad(loss_val, [*alphas, *w])
         return grads[len(alphas) :], list(grads[: len(alphas)]), loss_val.detach()
 
     def _exact_unrolled_grads(self, x_train, y_train, x_val, y_val, eta, network_optimizer):
@@ -229,10 +229,12 @@ class Architect:
         """The Hessian-vector product of the second-order step, grad^2_{alpha, w} L_train(w, alpha) . v with
         v = grad_w' L_val(w', alpha), computed both ways: (finite difference with this config's fd_r, exact by
         double backprop). For measuring how far the finite difference is off; nothing is updated."""
-        v = self._unrolled_v(x_train, y_train, x_val, y_val, eta, network_optimizer)[0]
-        fd = self.fd_hvp(v, x_train, y_train)
         _, w = self._weights()
-        with _restored([], list(self.model.buffers())):
+        with _restored(w, list(self.model.buffers())) as center:
+            v = self._unrolled_v(w, x_train, y_train, x_val, y_val, eta, network_optimizer)[0]
+            fd = self._fd_hvp(w, center, v, x_train, y_train)
+            with torch.no_grad():
+                torch._foreach_copy_(w, center)
             g = torch.autograd.grad(self.model.loss(x_train, y_train), w, create_graph=True)
             exact = _grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), self.model.arch_parameters())
         return fd, list(exact)
@@ -243,16 +245,20 @@ class Architect:
 
         v: one tensor per trainable weight (in named_weight_parameters order). The weights take w + eps v and
         w - eps v in place (no copy of the model) and are put back bit-exactly, the running statistics too."""
-        alphas = self.model.arch_parameters()
         _, w = self._weights()
+        with _restored(w, list(self.model.buffers())) as center:
+            return self._fd_hvp(w, center, v, x, y)
+
+    def _fd_hvp(self, w, center, v, x, y) -> list[Tensor]:
+        """fd_hvp around center, the weights w taking center +- eps v in place (the caller puts them back)."""
+        alphas = self.model.arch_parameters()
         eps = self.config.fd_r / torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in v]))
         sides = []
-        with _restored(w, list(self.model.buffers())) as center:
-            for sign in (1, -1):
-                with torch.no_grad():
-                    torch._foreach_copy_(w, [c + sign * eps * t for c, t in zip(center, v)])
-                with _frozen(w):  # no weight gradients computed along the way
-                    sides.append(_grad(self.model.loss(x, y), alphas))
+        for sign in (1, -1):
+            with torch.no_grad():
+                torch._foreach_copy_(w, [c + sign * eps * t for c, t in zip(center, v)])
+            with _frozen(w):  # no weight gradients computed along the way
+                sides.append(_grad(self.model.loss(x, y), alphas))
         return [(gp - gm) / (2 * eps) for gp, gm in zip(*sides)]
 
     def _moments(self, w: Sequence[Tensor], optimizer: torch.optim.Optimizer | None) -> list[Tensor | float]:
