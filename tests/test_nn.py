@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import fastdarts
 from fastdarts.nn import Cell, MixedOp, PartialMixedOp, SearchNetwork
@@ -172,3 +173,32 @@ def test_imagenet_stem_brings_the_input_to_an_eighth():
     )  # the first cell reads stem0 at twice the size
     names = set(dict(model.named_parameters()))
     assert {"stem0.0.weight", "stem0.1.weight", "stem0.3.weight", "stem1.1.weight", "stem1.2.bias"} <= names
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(5, 6, 8, 8), (3, 4, 2, 6)], ids=["8x8", "2x6"])
+def test_factorized_reduce_fast_path_matches_its_modules(shape, training):
+    # on the CPU (backend auto) the two 1x1 stride-2 convolutions run as matrix products; the reference backend
+    # runs the modules
+    results = []
+    for backend_name in ("auto", "reference"):
+        fastdarts.set_backend(backend_name)
+        torch.manual_seed(0)
+        m = FactorizedReduce(shape[1], 10).double().train(training)
+        nn.init.uniform_(m.bn.weight, 0.5, 1.5)
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        y = m(x)
+        grad = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)
+        params = [x, m.conv_1.weight, m.conv_2.weight, m.bn.weight, m.bn.bias]
+        results.append([y, *torch.autograd.grad(y, params, grad), m.bn.running_mean, m.bn.running_var])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_factorized_reduce_with_swapped_parts_runs_them():
+    m = FactorizedReduce(4, 6)
+    m.relu = nn.ELU()
+    x = torch.randn(2, 4, 4, 4)
+    torch.testing.assert_close(
+        m(x), m.bn(torch.cat([m.conv_1(F.elu(x)), m.conv_2(F.elu(x)[:, :, 1:, 1:])], 1))
+    )
