@@ -328,6 +328,11 @@ inline LaneTaps lane_taps(const Geometry& g) {
   return lt;
 }
 
+// Lane chunks per parallel task: ~32K multiply-adds each.
+inline int64_t lane_grain(const LaneTaps& lt) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kBlock * static_cast<int64_t>(lt.tap.size())));
+}
+
 // dst[n * kBlock + s] = src[(b0 + s) * C + c][n] for n < len (max(., 0) with kRelu), zero in the lanes s >= count.
 // The lanes are the inner loop (a fixed count of them in a full chunk): one strided load each, whole-vector stores.
 template <bool kRelu, typename scalar_t, typename acc_t>
@@ -365,8 +370,7 @@ void lane_forward(const Geometry& g, const scalar_t* x, const at::opmath_type<sc
   using acc_t = at::opmath_type<scalar_t>;
   const LaneTaps lt = lane_taps(g);
   const int64_t HW = g.H * g.W, N = g.Ho * g.Wo, kk = g.k * g.k;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kBlock * static_cast<int64_t>(lt.tap.size())));
-  fastdarts::parallel_for(0, g.lane_chunks() * g.C, grain, [&](int64_t begin, int64_t end) {
+  fastdarts::parallel_for(0, g.lane_chunks() * g.C, lane_grain(lt), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> in(HW * kBlock), acc(N * kBlock);
     for (int64_t t = begin; t < end; ++t) {
       int64_t b0, count, c;
@@ -405,9 +409,8 @@ void lane_backward(const Geometry& g, const scalar_t* grad, const scalar_t* x, c
   using acc_t = at::opmath_type<scalar_t>;
   const LaneTaps lt = lane_taps(g);
   const int64_t HW = g.H * g.W, N = g.Ho * g.Wo, kk = g.k * g.k, chunks = g.lane_chunks();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kBlock * static_cast<int64_t>(lt.tap.size())));
   std::vector<acc_t> partial(gw ? chunks * g.C * kk : 0);  // [chunks, C, k * k]
-  fastdarts::parallel_for(0, chunks * g.C, grain, [&](int64_t begin, int64_t end) {
+  fastdarts::parallel_for(0, chunks * g.C, lane_grain(lt), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> go(N * kBlock), in(gw ? HW * kBlock : 0), gin(gx ? HW * kBlock : 0);
     std::vector<acc_t> tap_lanes(gw ? kk * kBlock : 0);
     for (int64_t t = begin; t < end; ++t) {
