@@ -23,8 +23,8 @@ The model is never copied. With ``hvp="fd"`` the model's own weights take w', w+
 the other, and are put back bit-exactly afterwards (from one saved copy of the weights, not of the model); the
 BatchNorm running statistics that those extra passes move are put back too. Evaluating the same weights through
 ``torch.func.functional_call`` instead cost about 25 ms per pass on a 2-core CPU at the digits shapes (5 cells,
-C=8; 105 ms against 78 ms for a forward), the swapping of its 2,650 named tensors in and out. ``hvp="exact"`` needs w' as a function of alpha and evaluates it
-functionally.
+C=8; 105 ms against 78 ms for a forward), the swapping of its 2,650 named tensors in and out. ``hvp="exact"``
+needs w' as a function of alpha and evaluates it functionally.
 """
 
 from __future__ import annotations
