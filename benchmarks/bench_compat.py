@@ -26,15 +26,17 @@ ARGS = SimpleNamespace(momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-4,
 LR = 0.025
 
 
-def _darts_like(base, impl):
+def _darts_like(base, impl, device, C, layers):
     compat, oracle = {"darts": (darts, originals.DartsNetwork), "pcdarts": (pcdarts, originals.PcNetwork)}[
         base
     ]
-    model = (compat.Network if impl == "fastdarts" else oracle)(16, 10, 8, nn.CrossEntropyLoss()).to(DEVICE)
+    model = (compat.Network if impl == "fastdarts" else oracle)(C, 10, layers, nn.CrossEntropyLoss()).to(
+        device
+    )
     if impl != "fastdarts":  # the original's arch tensors are created on the GPU; .to() does not move them
         names = ["alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce"]
         for name, a in zip(names, model.arch_parameters()):
-            setattr(model, name, a.detach().to(DEVICE).requires_grad_())
+            setattr(model, name, a.detach().to(device).requires_grad_())
     optimizer = torch.optim.SGD(
         model.parameters(), LR, momentum=ARGS.momentum, weight_decay=ARGS.weight_decay
     )
@@ -58,9 +60,9 @@ def _darts_like(base, impl):
     return model.parameters, model._loss, optimizer, arch_step
 
 
-def _ptdarts(impl):
+def _ptdarts(impl, device, C, layers):
     cls = ptdarts.SearchCNNController if impl == "fastdarts" else originals.PtController
-    model = cls(3, 16, 10, 8, nn.CrossEntropyLoss()).to(DEVICE)
+    model = cls(3, C, 10, layers, nn.CrossEntropyLoss()).to(device)
     optimizer = torch.optim.SGD(model.net.parameters(), LR, momentum=0.9, weight_decay=3e-4)
     alpha_optim = torch.optim.Adam(model.arch_parameters(), 3e-4, (0.5, 0.999), weight_decay=1e-3)
     architect = ptdarts.Architect(model, 0.9, 3e-4) if impl == "fastdarts" else None
@@ -78,20 +80,16 @@ def _ptdarts(impl):
     return model.net.parameters, model.loss, optimizer, arch_step
 
 
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-@pytest.mark.parametrize("impl", ["fastdarts", "original"])
-@pytest.mark.parametrize("base", list(CASES))
-def test_compat_search_loop(benchmark, base, impl):
-    gpu_batch, order = CASES[base]
-    batch = gpu_batch if DEVICE == "cuda" else 16
+def compat_loop(base, impl, device, batch, C=16, layers=8):
+    """One iteration of ``base``'s own search loop ("darts", "ptdarts" or "pcdarts") on fastdarts.compat
+    (impl "fastdarts") or on the plain oracle of that code base (impl "original"), as a closure."""
     torch.manual_seed(0)
-    weights, loss_fn, optimizer, arch_step = _ptdarts(impl) if base == "ptdarts" else _darts_like(base, impl)
-    x, y = torch.randn(batch, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (batch,), device=DEVICE)
-    xv, yv = torch.randn(batch, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (batch,), device=DEVICE)
+    build = (
+        _ptdarts(impl, device, C, layers) if base == "ptdarts" else _darts_like(base, impl, device, C, layers)
+    )
+    weights, loss_fn, optimizer, arch_step = build
+    x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+    xv, yv = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
 
     def step():
         arch_step(x, y, xv, yv)
@@ -99,8 +97,22 @@ def test_compat_search_loop(benchmark, base, impl):
         loss_fn(x, y).backward()
         nn.utils.clip_grad_norm_(weights(), 5.0)
         optimizer.step()
-        _sync()
+
+    return step
+
+
+@pytest.mark.parametrize("impl", ["fastdarts", "original"])
+@pytest.mark.parametrize("base", list(CASES))
+def test_compat_search_loop(benchmark, base, impl):
+    gpu_batch, order = CASES[base]
+    batch = gpu_batch if DEVICE == "cuda" else 16
+    step = compat_loop(base, impl, DEVICE, batch)
+
+    def synced_step():
+        step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
 
     benchmark.group = f"{base} search loop, {order} order, batch {batch}, {DEVICE}"
     benchmark.extra_info.update(device=DEVICE, batch=batch, order=order, torch=torch.__version__)
-    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(synced_step, rounds=3, warmup_rounds=1)

@@ -3,7 +3,8 @@ backend (fastdarts' compiled kernels) against the pure-PyTorch reference path, i
 
 Shapes: the `make search` default (5 cells, C=8, batch 64, 8x8 digits, 1 channel) and a CIFAR-sized supernet
 (8 cells, C=16, batch 16, 32x32, 3 channels); first and second order (finite-difference HVP) at both; PC-DARTS
-(K = 4, edge normalisation) first order at the CIFAR size.
+(K = 4, edge normalisation) first order at the CIFAR size. The iteration is the GPU suite's
+(``benchmarks.run.search_step``: as ``fastdarts search`` runs it, gradient clipping included).
 (benchmarks/conftest.py runs the process with fastdarts.tune_cpu_allocator(), as `fastdarts search` does.)
 
     pytest benchmarks/bench_search_step.py         # add --benchmark-json benchmarks/results/<name>.json to keep
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 import fastdarts
+from benchmarks.run import search_step
 from fastdarts.nn import SearchNetwork
-from fastdarts.search import Architect, ArchitectConfig
 
 # (name, layers, C, batch, image size, image channels, order, algo)
 CASES = [
@@ -37,15 +38,7 @@ def test_search_step_cpu(benchmark, case, backend_name):
     net = SearchNetwork(C, 10, layers, in_channels=channels, **VARIANTS[algo])
     x, y = torch.randn(batch, channels, size, size), torch.randint(0, 10, (batch,))
     x_val, y_val = torch.randn(batch, channels, size, size), torch.randint(0, 10, (batch,))
-    optimizer = torch.optim.SGD(net.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
-    architect = Architect(net, ArchitectConfig(order=order))
-
-    def step():
-        architect.step(x, y, x_val, y_val, 0.025, optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        net.loss(x, y).backward()
-        optimizer.step()
-
+    step = search_step(net, order, (x, y), (x_val, y_val))
     benchmark.group = f"search step {name} {algo} {order} order"
     benchmark.extra_info.update(
         threads=torch.get_num_threads(), torch=torch.__version__, backend=backend_name

@@ -1,0 +1,459 @@
+"""The benchmark suite: fastdarts against the plain PyTorch reference, measured in the same run, on the GPU.
+
+    python -m benchmarks.run                        # every case on cuda -> benchmarks/results/<gpu>-suite.json
+    python -m benchmarks.run --only 'step/cifar*'   # the cases matching any of these patterns (fnmatch)
+    python -m benchmarks.run --compile              # also the reference under torch.compile (slow to compile)
+    python -m benchmarks.run --list                 # the case names
+    python -m benchmarks.run --report FILE          # the table of a results file again
+    python -m benchmarks.run --device cpu --quick   # tiny shapes, a few runs: checks that the suite runs
+
+Cases (``--quick`` shrinks every shape to 3 cells, C=8, batch 2):
+- ``step/<net>/<order>``: one search iteration as ``fastdarts search`` runs it (architecture step, then the weight
+  step with gradient clipping at 5), first and second order (finite-difference HVP), on the DARTS supernet at
+  CIFAR shapes (8 cells, C=16, 32x32) at batch 64 and 256 and on the ImageNet-style supernet (224x224, batch
+  128), and PC-DARTS first order (K=4 at CIFAR batch 256, K=2 on ImageNet batch 128, edge normalisation).
+  Impls: ``fastdarts`` (backend "auto"), ``reference`` (backend "reference": plain PyTorch, eager) and with
+  ``--compile`` ``reference-compiled`` (the reference supernet under ``torch.compile``).
+- ``hvp/cifar-b64``: the finite-difference Hessian-vector product alone: fastdarts' in-place
+  ``Architect.fd_hvp`` against the copy-model approach of the DARTS code bases (a deep copy of the supernet per
+  side) on the reference path.
+- ``op/mixed_op/...``, ``op/partial_channel/...``: the fused kernels (forward+backward, and the partial channel's
+  forward alone) against their ``<op>_ref``; the partial channel also against a plain copy of its output bytes.
+- ``compat/<code base>``: one iteration of each original code base's own loop on ``fastdarts.compat`` against the
+  plain oracle of that code base (``benchmarks/bench_compat.py``).
+- ``agreement/cifar-b64``: 50 first-order search iterations (5 with --quick) from one seed in fp32 on both
+  backends; the largest difference between their alphas.
+
+Every timing is the median of ``torch.utils.benchmark.Timer.blocked_autorange`` after warm-up (the accelerator
+synchronised); peak memory is ``torch.cuda.max_memory_allocated`` over the timed runs (none on the CPU). A case
+that fails (out of memory, a compile that outlasts --compile-timeout) is recorded with its error and the suite
+goes on. The results file is rewritten after every measurement, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import fnmatch
+import gc
+import json
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils import benchmark as torch_benchmark
+
+import fastdarts
+from fastdarts.nn import SearchNetwork
+from fastdarts.ops import mixed_op, mixed_op_ref, partial_channel, partial_channel_ref
+from fastdarts.search import Architect, ArchitectConfig
+from fastdarts.spaces import DARTS, DARTS_IMAGENET, SearchSpace
+
+RESULTS = Path(__file__).with_name("results")
+LR = 0.025
+K = 7  # candidates of a DARTS edge that run (the 8 primitives minus 'none')
+
+
+@dataclass(frozen=True)
+class Net:
+    """A supernet and its batch. partial_channels > 1: PC-DARTS (with edge normalisation)."""
+
+    layers: int
+    C: int
+    batch: int
+    size: int
+    classes: int = 10
+    space: SearchSpace = DARTS
+    partial_channels: int = 1
+
+    def quick(self) -> Net:
+        size = 32 if self.space.stem == "imagenet" else 8  # the ImageNet stem divides by 8
+        return dataclasses.replace(self, layers=3, C=8, batch=2, size=size, classes=10)
+
+
+NETS = {
+    "cifar-b64": Net(8, 16, 64, 32),
+    "cifar-b256": Net(8, 16, 256, 32),
+    "imagenet-b128": Net(8, 16, 128, 224, 1000, DARTS_IMAGENET),
+    "pcdarts-cifar-b256": Net(8, 16, 256, 32, partial_channels=4),
+    "pcdarts-imagenet-b128": Net(8, 16, 128, 224, 1000, DARTS_IMAGENET, partial_channels=2),
+}
+STEPS = [
+    (net, order) for net in ("cifar-b64", "cifar-b256", "imagenet-b128") for order in ("first", "second")
+]
+STEPS += [("pcdarts-cifar-b256", "first"), ("pcdarts-imagenet-b128", "first")]
+# (B, C, H, W) of one edge's candidate outputs: the CIFAR supernet's three stages at batch 64, the first at 256
+MIXED_SHAPES = [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8), (256, 16, 32, 32)]
+# (B, C, H, W, stride, K) of a PC-DARTS edge's input: CIFAR batch 256 normal and reduction edges, ImageNet 128
+PARTIAL_SHAPES = [(256, 16, 32, 32, 1, 4), (256, 32, 32, 32, 2, 4), (128, 16, 28, 28, 1, 2)]
+COMPAT = {"darts": 64, "ptdarts": 64, "pcdarts": 256}  # each original's own batch size
+IMPL_BACKEND = {"fastdarts": "auto", "reference": "reference", "reference-compiled": "reference"}
+
+
+# ---- what is measured ------------------------------------------------------------------------------------------
+
+
+def supernet(net: Net, device: torch.device, seed: int = 0):
+    """The supernet of ``net`` on ``device`` with a training and a validation batch, from ``seed``."""
+    torch.manual_seed(seed)
+    pc = net.partial_channels
+    model = SearchNetwork(net.C, net.classes, net.layers, net.space, 3, pc, edge_normalization=pc > 1).to(
+        device
+    )
+
+    def batch():
+        x = torch.randn(net.batch, 3, net.size, net.size, device=device)
+        return x, torch.randint(0, net.classes, (net.batch,), device=device)
+
+    return model, batch(), batch()
+
+
+def search_step(model: SearchNetwork, order: str, train, val) -> Callable[[], None]:
+    """One search iteration as ``fastdarts search`` runs it: the architecture step, then the weight step (SGD
+    with momentum and weight decay, gradients clipped at norm 5)."""
+    optimizer = torch.optim.SGD(model.weight_parameters(), LR, momentum=0.9, weight_decay=3e-4)
+    architect = Architect(model, ArchitectConfig(order=order))
+
+    def step():
+        architect.step(*train, *val, LR, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(*train).backward()
+        nn.utils.clip_grad_norm_(model.weight_parameters(), 5.0)
+        optimizer.step()
+
+    return step
+
+
+def _step_case(net: Net, order: str, impl: str, device):
+    model, train, val = supernet(net, device)
+    if impl == "reference-compiled":
+        model.compile()
+    return search_step(model, order, train, val)
+
+
+def copy_model_fd_hvp(model: SearchNetwork, v, x, y, r: float = 0.01):
+    """The finite-difference HVP as the DARTS code bases take it, on deep copies of the model (one per side)."""
+    eps = r / torch.cat([t.flatten() for t in v]).norm()
+    sides = []
+    for sign in (1.0, -1.0):
+        side = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, t in zip(side.weight_parameters(), v):
+                p.add_(sign * eps * t)
+        sides.append(torch.autograd.grad(side.loss(x, y), side.arch_parameters()))
+    return [(gp - gm) / (2 * eps) for gp, gm in zip(*sides)]
+
+
+def _hvp_case(net: Net, impl: str, device):
+    model, train, _ = supernet(net, device)
+    v = [torch.randn_like(p) for p in model.weight_parameters()]
+    if impl == "fastdarts":
+        architect = Architect(model, ArchitectConfig(order="second"))
+        return lambda: architect.fd_hvp(v, *train)
+    return lambda: copy_model_fd_hvp(model, v, *train)
+
+
+def _mixed_case(shape, impl: str, device):
+    gen = torch.Generator(device).manual_seed(0)
+    xs = [torch.randn(shape, device=device, generator=gen, requires_grad=True) for _ in range(K)]
+    weights = torch.softmax(torch.randn(K, device=device, generator=gen), 0).requires_grad_()
+    grad = torch.randn(shape, device=device, generator=gen)
+    fn = mixed_op if impl == "fastdarts" else mixed_op_ref
+    return lambda: torch.autograd.grad(fn(xs, weights), [*xs, weights], grad)
+
+
+def _partial_case(shape, pass_: str, impl: str, device):
+    B, C, H, W, stride, groups = shape
+    gen = torch.Generator(device).manual_seed(0)
+    grad = pass_ == "forward+backward"
+    out = (B, C, H // stride, W // stride)
+    xs = [torch.randn((B, C // groups, *out[2:]), device=device, generator=gen, requires_grad=grad)
+          for _ in range(K)]  # fmt: skip
+    weights = torch.softmax(torch.randn(K, device=device, generator=gen), 0).requires_grad_(grad)
+    x = torch.randn(shape[:4], device=device, generator=gen, requires_grad=grad)
+    if impl == "copy":  # the floor of any op that writes its output once
+        src, dst = torch.randn(out, device=device, generator=gen), torch.empty(out, device=device)
+        return lambda: dst.copy_(src)
+    fn = partial_channel if impl == "fastdarts" else partial_channel_ref
+    if not grad:
+        return lambda: fn(xs, weights, x, groups, stride)
+    g = torch.randn(out, device=device, generator=gen)
+    return lambda: torch.autograd.grad(fn(xs, weights, x, groups, stride), [*xs, weights, x], g)
+
+
+def _compat_case(base: str, quick: bool, impl: str, device):
+    from benchmarks.bench_compat import compat_loop  # imports the originals' oracles from tests/
+
+    if quick:
+        return compat_loop(base, impl, device, 2, C=8, layers=3)
+    return compat_loop(base, impl, device, COMPAT[base])
+
+
+def agreement(net: Net, steps: int, device) -> dict:
+    """The largest |alpha difference| between the two backends after ``steps`` first-order iterations."""
+    alphas = []
+    for name in ("auto", "reference"):
+        fastdarts.set_backend(name)
+        model, train, val = supernet(net, device)
+        step = search_step(model, "first", train, val)
+        for _ in range(steps):
+            step()
+        alphas.append([a.detach().double() for a in model.arch_parameters()])
+    diff = max((a - b).abs().max().item() for a, b in zip(*alphas))
+    return {
+        "steps": steps,
+        "max_abs_alpha_diff": diff,
+        "alpha_scale": max(a.abs().max().item() for a in alphas[1]),
+    }
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    impls: tuple[str, ...]
+    build: Callable  # (impl, device) -> the callable that is timed
+
+
+def cases(quick: bool, compile_reference: bool) -> dict[str, Case]:
+    """Every case of the suite by name."""
+    nets = {name: net.quick() if quick else net for name, net in NETS.items()}
+    step_impls = ("fastdarts", "reference") + (("reference-compiled",) if compile_reference else ())
+    out = [Case(f"step/{n}/{o}", step_impls, lambda i, d, n=n, o=o: _step_case(nets[n], o, i, d))
+           for n, o in STEPS]  # fmt: skip
+    out.append(
+        Case("hvp/cifar-b64", ("fastdarts", "reference"), lambda i, d: _hvp_case(nets["cifar-b64"], i, d))
+    )
+    for shape in MIXED_SHAPES:
+        shape = (2, shape[1] // 4, 4, 4) if quick else shape
+        name = f"op/mixed_op/{'x'.join(map(str, shape))}/forward+backward"
+        out.append(Case(name, ("fastdarts", "reference"), lambda i, d, s=shape: _mixed_case(s, i, d)))
+    for shape in PARTIAL_SHAPES:
+        shape = (2, 8, 4, 4, *shape[4:]) if quick else shape
+        for pass_ in ("forward", "forward+backward"):
+            impls = ("fastdarts", "reference") + (("copy",) if pass_ == "forward" else ())
+            name = f"op/partial_channel/{'x'.join(map(str, shape))}/{pass_}"
+            out.append(Case(name, impls, lambda i, d, s=shape, p=pass_: _partial_case(s, p, i, d)))
+    for base in COMPAT:
+        out.append(Case(f"compat/{base}", ("fastdarts", "original"),
+                        lambda i, d, b=base: _compat_case(b, quick, i, d)))  # fmt: skip
+    return {case.name: case for case in out}
+
+
+# ---- measuring -------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _raise_timeout(signum, frame):
+    raise _Timeout
+
+
+def measure(build: Callable[[], Callable], device: torch.device, warmup: int, min_time: float,
+            timeout: float) -> dict:  # fmt: skip
+    """Builds the callable, runs it ``warmup`` times (the first call timed: compiles, caches) and times it."""
+    start = time.perf_counter()
+    use_alarm = hasattr(signal, "SIGALRM")
+    if use_alarm:  # a torch.compile that does not finish in time must not take the whole suite with it
+        signal.signal(signal.SIGALRM, _raise_timeout)
+        signal.alarm(max(1, int(timeout)))
+    try:
+        fn = build()
+        fn()
+        _sync(device)
+    except _Timeout:
+        return {"error": f"the first call did not finish within {timeout:.0f} s"}
+    finally:
+        if use_alarm:
+            signal.alarm(0)
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    m = torch_benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_time)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times) * m.number_per_run,
+            "peak_gib": peak, "first_call_s": first}  # fmt: skip
+
+
+def _release(device: torch.device) -> None:
+    fastdarts.set_backend("auto")
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _run_one(case: Case, impl: str, device, args) -> dict:
+    fastdarts.set_backend(IMPL_BACKEND.get(impl, "auto"))
+    try:
+        return measure(
+            lambda: case.build(impl, device), device, args.warmup, args.min_time, args.compile_timeout
+        )
+    except torch.OutOfMemoryError as exc:
+        return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+    except Exception as exc:  # noqa: BLE001 - one broken case is recorded, the suite goes on
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        _release(device)
+
+
+# ---- the results file -----------------------------------------------------------------------------------------
+
+
+def _git_revision() -> str:
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, check=False).stdout.strip()
+
+    revision = git("rev-parse", "HEAD") or "unknown"
+    return revision + (" (dirty)" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def environment(device: torch.device) -> dict:
+    """The device, the versions and the git revision a results file was measured with."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "device": name, "device_type": device.type, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+        "python": platform.python_version(), "git": _git_revision(), "fastdarts": fastdarts.info(),
+    }  # fmt: skip
+
+
+def summary(results: dict) -> list[str]:
+    """The results as lines of a markdown table: fastdarts' median and peak memory, the baseline's, the ratio;
+    then the second-order over first-order cost of each implementation per supernet (issue 6's measure)."""
+    lines = [
+        "| case | fastdarts | baseline | speed-up | peak memory (fastdarts / baseline) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, impls in results["cases"].items():
+        fast = impls.get("fastdarts", {})
+        for base, other in impls.items():
+            if base == "fastdarts":
+                continue
+            lines.append(f"| {name} ({base}) | {_cell(fast)} | {_cell(other)} | {_ratio(other, fast)} | "
+                         f"{_memory(fast, other)} |")  # fmt: skip
+    for net in dict.fromkeys(net for net, _ in STEPS):
+        first, second = results["cases"].get(f"step/{net}/first"), results["cases"].get(f"step/{net}/second")
+        if first and second:
+            for impl in first.keys() & second.keys():
+                ratio = _ratio(second[impl], first[impl])
+                lines.append(f"| step/{net} second/first order ({impl}) | | | {ratio} | "
+                             f"{_memory(second[impl], first[impl])} |")  # fmt: skip
+    if "agreement" in results:
+        lines.append(f"\nagreement: {json.dumps(results['agreement'])}")
+    return lines
+
+
+def _cell(r: dict) -> str:
+    if "ms" not in r:
+        return r.get("error", "not run")
+    return f"{r['ms']:.3f} ms" + (f", {r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else "")
+
+
+def _ratio(slow: dict, fast: dict) -> str:
+    return f"{slow['ms'] / fast['ms']:.2f}x" if "ms" in slow and "ms" in fast else "-"
+
+
+def _memory(a: dict, b: dict) -> str:
+    return f"{a['peak_gib'] / b['peak_gib']:.2f}" if a.get("peak_gib") and b.get("peak_gib") else "-"
+
+
+def _write(path: Path, results: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _default_out(device: torch.device) -> Path:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    return RESULTS / f"{slug}-torch{torch.__version__.split('+')[0]}-suite.json"
+
+
+def _usage(message: str) -> int:
+    print(f"benchmarks.run: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", default="*", help="comma-separated fnmatch patterns of case names")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (checks that every case runs)")
+    parser.add_argument("--compile", action="store_true", help="also time the reference under torch.compile")
+    parser.add_argument(
+        "--compile-timeout", type=float, default=300.0, help="seconds for a case's first call"
+    )
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed runs per measurement")
+    parser.add_argument("--agreement-steps", type=int, default=None, help="default 50 (5 with --quick)")
+    parser.add_argument(
+        "--out", default=None, help="results file (default benchmarks/results/<device>-suite.json)"
+    )
+    parser.add_argument("--list", action="store_true", help="print the case names and exit")
+    parser.add_argument("--report", default=None, help="print the table of a results file and exit")
+    args = parser.parse_args(argv)
+    if args.report:
+        print("\n".join(summary(json.loads(Path(args.report).read_text()))))
+        return 0
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        return _usage(f"--device {args.device!r} is not a device, expected cpu, cuda or cuda:N")
+    patterns = args.only.split(",")
+    selected = {n: c for n, c in cases(args.quick, args.compile).items()
+                if any(fnmatch.fnmatch(n, p) for p in patterns)}  # fmt: skip
+    run_agreement = any(fnmatch.fnmatch("agreement/cifar-b64", p) for p in patterns)
+    if not selected and not run_agreement:
+        return _usage(f"--only {args.only!r} matches no case; --list names them")
+    if args.list:
+        print("\n".join([*selected, *(["agreement/cifar-b64"] if run_agreement else [])]))
+        return 0
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return _usage(f"--device {args.device}: no CUDA device is available here")
+    out = Path(args.out) if args.out else _default_out(device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("list", "report")}
+    results = {"environment": environment(device), "config": config, "cases": {}}
+    for name, case in selected.items():
+        for impl in case.impls:
+            r = _run_one(case, impl, device, args)
+            results["cases"].setdefault(name, {})[impl] = r
+            _write(out, results)
+            print(f"{name} [{impl}]: {_cell(r)}", flush=True)
+    if run_agreement:
+        net = NETS["cifar-b64"].quick() if args.quick else NETS["cifar-b64"]
+        steps = args.agreement_steps or (5 if args.quick else 50)
+        results["agreement"] = {"case": "cifar-b64", **agreement(net, steps, device)}
+        fastdarts.set_backend("auto")
+        _write(out, results)
+    print("\n".join(summary(results)))
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The GPU benchmark suite (`python -m benchmarks.run`) runs end to end on tiny shapes, records what it measured
+with its environment, keeps going past a failing case, and answers bad input with one line and exit code 2."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import run
+
+QUICK = ["--device", "cpu", "--quick", "--warmup", "1", "--min-time", "0.01"]
+
+
+@pytest.mark.slow
+def test_quick_suite_measures_every_selected_case(tmp_path, capsys):
+    out = tmp_path / "suite.json"
+    only = "step/cifar-b64/*,hvp/*,op/mixed_op/2x4x4x4/*,op/partial_channel/*x2x4/forward,compat/darts,agreement*"
+    assert run.main([*QUICK, "--only", only, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    env = results["environment"]
+    assert env["torch"] == torch.__version__ and env["device_type"] == "cpu" and env["git"]
+    expected = {
+        "step/cifar-b64/first": {"fastdarts", "reference"},
+        "step/cifar-b64/second": {"fastdarts", "reference"},
+        "hvp/cifar-b64": {"fastdarts", "reference"},
+        "op/mixed_op/2x4x4x4/forward+backward": {"fastdarts", "reference"},
+        "op/partial_channel/2x8x4x4x2x4/forward": {"fastdarts", "reference", "copy"},
+        "compat/darts": {"fastdarts", "original"},
+    }
+    assert {name: set(impls) for name, impls in results["cases"].items()} == expected
+    for impls in results["cases"].values():
+        for r in impls.values():
+            assert "error" not in r and r["ms"] > 0 and r["runs"] >= 1 and r["peak_gib"] is None
+    agreement = results["agreement"]
+    # Adam moves each alpha by at most about its learning rate (3e-4) per step, whatever the gradient
+    assert 0 <= agreement["max_abs_alpha_diff"] < 2 * agreement["steps"] * 3e-4
+    table = capsys.readouterr().out
+    assert "| step/cifar-b64/first (reference) |" in table and "second/first order (fastdarts)" in table
+    assert run.main(["--report", str(out)]) == 0
+    assert "| hvp/cifar-b64 (reference) |" in capsys.readouterr().out
+
+
+def test_a_failing_case_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
+    def out_of_memory(impl, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    broken = run.Case("op/broken", ("fastdarts",), out_of_memory)
+    works = run.Case("op/works", ("fastdarts",), lambda impl, device: lambda: torch.ones(4).sum())
+    monkeypatch.setattr(run, "cases", lambda quick, compile_reference: {c.name: c for c in (broken, works)})
+    out = tmp_path / "suite.json"
+    assert run.main([*QUICK, "--only", "op/*", "--out", str(out)]) == 0
+    cases = json.loads(out.read_text())["cases"]
+    assert cases["op/broken"]["fastdarts"] == {
+        "error": "out of memory: CUDA out of memory. Tried to allocate 20.00 GiB"
+    }
+    assert cases["op/works"]["fastdarts"]["ms"] > 0
+
+
+def test_a_first_call_past_the_timeout_is_recorded():
+    def never_finishes():
+        while True:
+            pass
+
+    r = run.measure(lambda: never_finishes, torch.device("cpu"), warmup=1, min_time=0.01, timeout=1)
+    assert r == {"error": "the first call did not finish within 1 s"}
+
+
+def test_list_names_the_cases_without_running_them(capsys):
+    assert run.main(["--device", "cpu", "--quick", "--list", "--only", "step/*"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names == [f"step/{net}/{order}" for net, order in run.STEPS]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--device", "gpu0"], "'gpu0' is not a device"), (["--only", "step/mnist*"], "matches no case")]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device is available")]),
+)
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys, args, message):
+    assert run.main([*args, "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "x.json").exists()
