@@ -17,6 +17,8 @@ Cases (``--quick`` shrinks every shape to 3 cells, C=8, batch 2):
 - ``hvp/cifar-b64``: the finite-difference Hessian-vector product alone: fastdarts' in-place
   ``Architect.fd_hvp`` against the copy-model approach of the DARTS code bases (a deep copy of the supernet per
   side) on the reference path.
+- ``op/fd_hvp/...``: fd_hvp's own work on that supernet's weights (w + eps v, w - eps v and back, the gradient
+  passes left out), its multi-tensor ops against ``fd_hvp_ref``'s one op per tensor.
 - ``op/mixed_op/...``, ``op/partial_channel/...``: the fused kernels (forward+backward, and the partial channel's
   forward alone) against their ``<op>_ref``; the partial channel also against a plain copy of its output bytes.
 - ``compat/<code base>``: one iteration of each original code base's own loop on ``fastdarts.compat`` against the
@@ -53,7 +55,7 @@ from torch.utils import benchmark as torch_benchmark
 
 import fastdarts
 from fastdarts.nn import SearchNetwork
-from fastdarts.ops import mixed_op, mixed_op_ref, partial_channel, partial_channel_ref
+from fastdarts.ops import fd_hvp, fd_hvp_ref, mixed_op, mixed_op_ref, partial_channel, partial_channel_ref
 from fastdarts.search import Architect, ArchitectConfig
 from fastdarts.spaces import DARTS, DARTS_IMAGENET, SearchSpace
 
@@ -161,6 +163,16 @@ def _hvp_case(net: Net, impl: str, device):
     return lambda: copy_model_fd_hvp(model, v, *train)
 
 
+def _fd_hvp_case(net: Net, impl: str, device):
+    """fd_hvp's own work on the supernet's weights: w + eps v, w - eps v and back (grad_at returns at once)."""
+    model, _, _ = supernet(net, device)
+    weights = model.weight_parameters()
+    v = [torch.randn_like(p) for p in weights]
+    alphas = model.alphas_normal.detach()
+    fn = fd_hvp if impl == "fastdarts" else fd_hvp_ref
+    return lambda: fn(lambda: [alphas], weights, v)
+
+
 def _mixed_case(shape, impl: str, device):
     gen = torch.Generator(device).manual_seed(0)
     xs = [torch.randn(shape, device=device, generator=gen, requires_grad=True) for _ in range(K)]
@@ -231,6 +243,8 @@ def cases(quick: bool, compile_reference: bool) -> dict[str, Case]:
     out.append(
         Case("hvp/cifar-b64", ("fastdarts", "reference"), lambda i, d: _hvp_case(nets["cifar-b64"], i, d))
     )
+    name = "op/fd_hvp/cifar-b64-weights-moved"
+    out.append(Case(name, ("fastdarts", "reference"), lambda i, d: _fd_hvp_case(nets["cifar-b64"], i, d)))
     for shape in MIXED_SHAPES:
         shape = (2, shape[1] // 4, 4, 4) if quick else shape
         name = f"op/mixed_op/{'x'.join(map(str, shape))}/forward+backward"

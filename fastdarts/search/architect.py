@@ -39,6 +39,7 @@ from torch.func import functional_call
 
 from fastdarts.errors import UsageError
 from fastdarts.nn import SearchNetwork
+from fastdarts.ops import fd_hvp
 
 ORDERS = ("first", "second")
 HVP_MODES = ("fd", "exact")
@@ -82,8 +83,10 @@ def _restored(weights: Sequence[Tensor], buffers: Sequence[Tensor]) -> Iterator[
     the BatchNorm running statistics of the extra passes), and puts both back bit-exactly after. Yields copies of
     the weights as they were."""
     targets = [*weights, *buffers]
-    with torch.no_grad():
-        saved = [t.detach().clone() for t in targets]
+    saved = [torch.empty_like(t) for t in targets]
+    if targets:
+        with torch.no_grad():
+            torch._foreach_copy_(saved, targets)  # one multi-tensor copy, not one launch per tensor
     try:
         yield saved[: len(weights)]
     finally:
@@ -180,9 +183,19 @@ class Architect:
     def _step_of(
         self, w: Sequence[Tensor], g: Sequence[Tensor], eta: float, network_optimizer
     ) -> list[Tensor]:
-        """The unrolled weight step w' = w - eta * (mu * m + g + lambda * w), one tensor per weight."""
-        moments = self._moments(w, network_optimizer)
-        return [p - eta * (m + gi + self.network_weight_decay * p) for p, gi, m in zip(w, g, moments)]
+        """The unrolled weight step w' = w - eta * (g + lambda * w + mu * m), one tensor per weight, in
+        multi-tensor ops (differentiable: the exact mode differentiates it)."""
+        d = list(torch._foreach_add(list(g), list(w), alpha=self.network_weight_decay))
+        state = network_optimizer.state if network_optimizer is not None else {}
+        moving = [(i, state[p]["momentum_buffer"]) for i, p in enumerate(w)
+                  if state.get(p, {}).get("momentum_buffer") is not None]  # fmt: skip
+        if moving:
+            index, buffers = zip(*moving)
+            for i, di in zip(
+                index, torch._foreach_add([d[i] for i in index], buffers, alpha=self.network_momentum)
+            ):
+                d[i] = di
+        return torch._foreach_add(list(w), d, alpha=-eta)
 
     def _unrolled_grads(self, x_train, y_train, x_val, y_val, eta, network_optimizer):
         if self.config.hvp == "exact":
@@ -250,22 +263,11 @@ class Architect:
             return self._fd_hvp(w, center, v, x, y)
 
     def _fd_hvp(self, w, center, v, x, y) -> list[Tensor]:
-        """fd_hvp around center, the weights w taking center +- eps v in place (the caller puts them back)."""
+        """fd_hvp around center, the weights w taking center +- eps v in place (fastdarts.ops.fd_hvp)."""
         alphas = self.model.arch_parameters()
-        eps = self.config.fd_r / torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in v]))
-        sides = []
-        for sign in (1, -1):
-            with torch.no_grad():
-                torch._foreach_copy_(w, [c + sign * eps * t for c, t in zip(center, v)])
-            with _frozen(w):  # no weight gradients computed along the way
-                sides.append(_grad(self.model.loss(x, y), alphas))
-        return [(gp - gm) / (2 * eps) for gp, gm in zip(*sides)]
 
-    def _moments(self, w: Sequence[Tensor], optimizer: torch.optim.Optimizer | None) -> list[Tensor | float]:
-        """mu * momentum buffer of each weight, or 0 where the optimiser has none yet."""
-        state = optimizer.state if optimizer is not None else {}
-        out: list[Tensor | float] = []
-        for p in w:
-            buf = state.get(p, {}).get("momentum_buffer")
-            out.append(self.network_momentum * buf if buf is not None else 0.0)
-        return out
+        def grad_at():
+            with _frozen(w):  # no weight gradients computed along the way
+                return _grad(self.model.loss(x, y), alphas)
+
+        return fd_hvp(grad_at, w, v, self.config.fd_r, center)

@@ -1,0 +1,123 @@
+"""fd_hvp: the central finite-difference Hessian-vector product of DARTS' second-order step, on the weights in place.
+
+    H v ~ (g(w + eps v) - g(w - eps v)) / (2 eps),   eps = r / ||v||,   g(w) = grad_alpha L(w, alpha)
+
+(r = 0.01 in DARTS). The weights w are the model's own tensors: they take w + eps v and w - eps v in place and hold
+w again, bit-exactly, when it returns (also when a pass raises). No copy of the model is made.
+
+:func:`fd_hvp` moves all the weights with multi-tensor (``torch._foreach_*``) ops: on CUDA a few kernel launches
+for the 1,399 weight tensors of the CIFAR supernet (8 cells, C=16), where one op per tensor costs a launch per
+tensor and per op, thousands per side. :func:`fd_hvp_ref` takes the same steps one tensor at a time, the plain
+formula and the oracle: on the CPU both compute the same numbers, bit for bit, in every dtype. (On a 2-core CPU
+the multi-tensor ops still loop over the tensors, and the weights' moves take 21 ms against 39 ms for that
+supernet, benchmarks/bench_fd_hvp.py.)
+
+It is not a ``torch.library`` op: it takes a callable (the gradient at the current weights) and changes its
+arguments in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from fastdarts.errors import UsageError
+
+__all__ = ["fd_hvp", "fd_hvp_ref"]
+
+GradAt = Callable[[], Sequence[Tensor]]
+
+
+def _check(weights: Sequence[Tensor], v: Sequence[Tensor], r: float, center: Sequence[Tensor] | None) -> None:
+    if len(v) != len(weights):
+        raise UsageError(f"fd_hvp: v has {len(v)} tensors, expected {len(weights)}, one per weight")
+    for name, other in (("v", v), ("center", center)):
+        for i, (w, t) in enumerate(zip(weights, other or ())):
+            if t.shape != w.shape:
+                raise UsageError(
+                    f"fd_hvp: {name}[{i}] has shape {tuple(t.shape)}, expected {tuple(w.shape)} like weights[{i}]"
+                )
+    if center is not None and len(center) != len(weights):
+        raise UsageError(f"fd_hvp: center has {len(center)} tensors, expected {len(weights)}, one per weight")
+    if not r > 0:
+        raise UsageError(f"fd_hvp: r must be > 0, got {r}")
+
+
+def radius(v: Sequence[Tensor], r: float) -> Tensor:
+    """eps = r / ||v|| (a 0-dim tensor on v's device), the norm over all tensors of v accumulated in fp32 (fp64 for
+    fp64): one multi-tensor norm, no concatenated copy of v."""
+    acc = torch.float64 if v[0].dtype == torch.float64 else torch.float32
+    norms = torch._foreach_norm(v, 2, dtype=acc)
+    return r / torch.linalg.vector_norm(torch.stack(norms))
+
+
+def fd_hvp(
+    grad_at: GradAt,
+    weights: Sequence[Tensor],
+    v: Sequence[Tensor],
+    r: float = 0.01,
+    center: Sequence[Tensor] | None = None,
+) -> list[Tensor]:
+    """The central finite difference of ``grad_at`` along ``v``, the weights moved in place by multi-tensor ops.
+
+    Args:
+        grad_at: returns g at the weights' current values, e.g. ``torch.autograd.grad(loss(), alphas)``.
+        weights: the tensors the loss reads (a model's parameters), changed in place while this runs.
+        v: one tensor per weight, of its shape: the direction.
+        r: the radius; the step is eps = r / ||v||, ||v|| over all of v.
+        center: the point w around which to differentiate (default: the weights' values on entry).
+
+    Returns:
+        ``(g(w + eps v) - g(w - eps v)) / (2 eps)``, one tensor per tensor that ``grad_at`` returns. On return
+        (and when ``grad_at`` raises) the weights hold the center bit-exactly.
+
+    Raises:
+        UsageError: ``v`` or ``center`` do not match the weights one for one in shape, or r <= 0.
+    """
+    _check(weights, v, r, center)
+    weights = list(weights)
+    with torch.no_grad():  # (a copy recorded by autograd costs 20x the copy)
+        if center is None:
+            center = [torch.empty_like(w) for w in weights]
+            torch._foreach_copy_(center, weights)
+        eps = radius(v, r)
+        step = torch._foreach_mul(list(v), eps)
+    sides = []
+    try:
+        for add in (torch._foreach_add_, torch._foreach_sub_):
+            with torch.no_grad():
+                torch._foreach_copy_(weights, center)
+                add(weights, step)
+            sides.append(grad_at())
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(weights, center)
+    return [(gp - gm) / (2 * eps) for gp, gm in zip(*sides)]
+
+
+def fd_hvp_ref(
+    grad_at: GradAt,
+    weights: Sequence[Tensor],
+    v: Sequence[Tensor],
+    r: float = 0.01,
+    center: Sequence[Tensor] | None = None,
+) -> list[Tensor]:
+    """:func:`fd_hvp` one tensor at a time: the plain formula, the oracle. Same arguments and result."""
+    _check(weights, v, r, center)
+    with torch.no_grad():
+        center = [w.detach().clone() for w in weights] if center is None else center
+        eps = radius(v, r)
+    sides = []
+    try:
+        for sign in (1, -1):
+            with torch.no_grad():
+                for w, c, t in zip(weights, center, v):
+                    w.copy_(c + sign * (t * eps))
+            sides.append(grad_at())
+    finally:
+        with torch.no_grad():
+            for w, c in zip(weights, center):
+                w.copy_(c)
+    return [(gp - gm) / (2 * eps) for gp, gm in zip(*sides)]
