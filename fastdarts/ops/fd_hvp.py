@@ -9,7 +9,7 @@ w again, bit-exactly, when it returns (also when a pass raises). No copy of the 
 for the 1,399 weight tensors of the CIFAR supernet (8 cells, C=16), where one op per tensor costs a launch per
 tensor and per op, thousands per side. :func:`fd_hvp_ref` takes the same steps one tensor at a time, the plain
 formula and the oracle: on the CPU both compute the same numbers, bit for bit, in every dtype. (On a 2-core CPU
-the multi-tensor ops still loop over the tensors, and the weights' moves take 21 ms against 39 ms for that
+the multi-tensor ops still loop over the tensors, and the weights' moves take 23 ms against 45 ms for that
 supernet, benchmarks/bench_fd_hvp.py.)
 
 It is not a ``torch.library`` op: it takes a callable (the gradient at the current weights) and changes its
