@@ -49,20 +49,28 @@ def test_killed_and_resumed_search_ends_like_an_uninterrupted_one(tmp_path, orde
         run_search(cfg, tmp_path / "cut", on_batch=_kill_at(1, 1))
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
     resumed = run_search(cfg, tmp_path / "cut", resume=True)
-    assert torch.equal(resumed.alphas_normal, full.alphas_normal)
-    assert torch.equal(resumed.alphas_reduce, full.alphas_reduce)
+    history, full_history = resumed.arch_history(), full.arch_history()
+    assert history.keys() == full_history.keys()
+    assert all(torch.equal(history[name], full_history[name]) for name in history)
     assert resumed.genotype == full.genotype
     assert [r.val_acc for r in resumed.history] == [r.val_acc for r in full.history]
 
 
-def test_search_writes_genotype_and_alphas_history(tmp_path):
-    result = run_search(SearchConfig(epochs=2, **TINY), tmp_path)
+@pytest.mark.parametrize("algo", ["darts", "pcdarts"])
+def test_search_writes_genotype_and_alphas_history(tmp_path, algo):
+    result = run_search(SearchConfig(epochs=2, algo=algo, **TINY), tmp_path)
     g = Genotype.from_json((tmp_path / "genotype.json").read_text())
     assert g == result.genotype and len(g.normal) == 8
     alphas = torch.load(tmp_path / "alphas.pt", weights_only=True)
     assert alphas["alphas_normal"].shape == (2, 14, 8)
     assert alphas["primitives"][0] == "none"
     assert not torch.equal(alphas["alphas_normal"][0], alphas["alphas_normal"][1])  # the alphas moved
+    if algo == "pcdarts":  # edge normalisation: the betas' history too
+        assert alphas["betas_normal"].shape == alphas["betas_reduce"].shape == (2, 14)
+        assert not torch.equal(alphas["betas_reduce"][0], alphas["betas_reduce"][1])
+        assert torch.equal(result.betas_normal, alphas["betas_normal"])
+    else:
+        assert "betas_normal" not in alphas and result.betas_normal is None
     assert all(0.0 <= r.val_acc <= 1.0 for r in result.history)
 
 

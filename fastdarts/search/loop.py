@@ -150,6 +150,13 @@ class SearchResult:
     alphas_normal: torch.Tensor  # [epochs, num_edges, K] after each epoch
     alphas_reduce: torch.Tensor
     stopped_at: int | None = None  # early stopping: the epoch whose genotype is returned
+    betas_normal: torch.Tensor | None = None  # [epochs, num_edges] with edge normalisation (PC-DARTS)
+    betas_reduce: torch.Tensor | None = None
+
+    def arch_history(self) -> dict[str, torch.Tensor]:
+        """The architecture parameters after each epoch by name (the betas only with edge normalisation)."""
+        names = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
 # (epoch, step, steps in the epoch, mean loss and accuracy of the epoch's weight steps so far)
@@ -243,7 +250,8 @@ class Search:
         self.architect = Architect(self.model, arch_config, config.momentum, config.weight_decay)
         self.epoch = 0
         self.history: list[EpochRecord] = []
-        self.alphas: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # the architecture parameters after each epoch: (alphas_normal, alphas_reduce[, betas_normal, betas_reduce])
+        self.alphas: list[tuple[torch.Tensor, ...]] = []
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -318,8 +326,7 @@ class Search:
             record = EpochRecord(self.epoch, lr, train_loss, train_acc, val_loss, val_acc, self.genotype(),
                                  self.eigenvalue() if tracking else None)  # fmt: skip
             self.history.append(record)
-            self.alphas.append((self.model.alphas_normal.detach().cpu().clone(),
-                                self.model.alphas_reduce.detach().cpu().clone()))  # fmt: skip
+            self.alphas.append(tuple(a.detach().cpu().clone() for a in self.model.arch_parameters()))
             self.epoch += 1
             log.info(
                 "epoch %d/%d lr %.5f train loss %.4f acc %.4f val loss %.4f acc %.4f%s",
@@ -336,14 +343,21 @@ class Search:
         return self.result()
 
     def result(self) -> SearchResult:
-        stack = (lambda ts: torch.stack(ts)) if self.alphas else (lambda ts: torch.empty(0))
+        count = len(self.model.arch_parameters())
+        if self.alphas:
+            history = [torch.stack(ts) for ts in zip(*self.alphas)]
+        else:
+            history = [torch.empty(0)] * count
+        betas = history[2:] if count == 4 else [None, None]
         stopped = self.stopped_at
         return SearchResult(
             genotype=self.genotype() if stopped is None else self.history[stopped].genotype,
             stopped_at=stopped,
             history=list(self.history),
-            alphas_normal=stack([a for a, _ in self.alphas]),
-            alphas_reduce=stack([b for _, b in self.alphas]),
+            alphas_normal=history[0],
+            alphas_reduce=history[1],
+            betas_normal=betas[0],
+            betas_reduce=betas[1],
         )
 
     def state_dict(self) -> dict:
@@ -355,7 +369,7 @@ class Search:
             "arch_optimizer": self.architect.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "history": [_record_to_dict(r) for r in self.history],
-            "alphas": [list(pair) for pair in self.alphas],
+            "alphas": [list(params) for params in self.alphas],
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -383,7 +397,7 @@ class Search:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch = ckpt["epoch"]
         self.history = [_record_from_dict(d) for d in ckpt["history"]]
-        self.alphas = [(a, b) for a, b in ckpt["alphas"]]
+        self.alphas = [tuple(params) for params in ckpt["alphas"]]
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
@@ -419,7 +433,8 @@ def run_search(
     """Run a search (or resume one from out_dir) and write its results to out_dir.
 
     out_dir receives checkpoint.pt after every epoch, and at the end genotype.json and alphas.pt
-    ({"alphas_normal": [epochs, num_edges, K], "alphas_reduce": ..., "primitives": [...]}).
+    ({"alphas_normal": [epochs, num_edges, K], "alphas_reduce": ..., "primitives": [...]}, and with edge
+    normalisation "betas_normal" and "betas_reduce", [epochs, num_edges]), each row after one epoch.
     A fresh run refuses an out_dir that already holds a checkpoint, so that nothing is overwritten by mistake.
     """
     path = Path(out_dir) / CHECKPOINT if out_dir is not None else None
@@ -437,9 +452,5 @@ def run_search(
     if out_dir is not None:
         out = Path(out_dir)
         (out / "genotype.json").write_text(result.genotype.to_json() + "\n")
-        save_atomic(
-            {"alphas_normal": result.alphas_normal, "alphas_reduce": result.alphas_reduce,
-             "primitives": list(search.space.primitives)},
-            out / "alphas.pt",
-        )  # fmt: skip
+        save_atomic({**result.arch_history(), "primitives": list(search.space.primitives)}, out / "alphas.pt")
     return result
