@@ -57,7 +57,8 @@ class PartialMixedOp(MixedOp):
 
     ``out = channel_shuffle(cat([sum_k weights[k] * op_k(x[:, :c]), bypass(x[:, c:])]), groups)`` with
     ``c = C / groups`` and bypass the identity, or a 2x2 max pool on a stride-2 edge; one fused op after the
-    candidates (:func:`fastdarts.ops.partial_channel`).
+    candidates (:func:`fastdarts.ops.partial_channel`). Where MixedOp runs its fused edge, so does this on its
+    c channels, and the partial channel op takes the one mixed output (weight 1: an exact copy).
 
     Args:
         C: channels in and out (a multiple of groups); the candidates have C / groups.
@@ -74,8 +75,12 @@ class PartialMixedOp(MixedOp):
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         """x: [B, C, H, W]; weights: [K]. Returns [B, C, H / stride, W / stride]."""
         part = x[:, : x.shape[1] // self.groups]
-        outs = [self._ops[k](part) for k in self._live]
-        return partial_channel(outs, self.live_weights(weights), x, self.groups, self.stride)
+        live = self.live_weights(weights)
+        if mixed_edge_applies(x):
+            # the candidates and their weighted sum as one node (the fused edge), then bypass and shuffle around it
+            mixed = mixed_edge([self._ops[k] for k in self._live], part, live)
+            return partial_channel([mixed], live.new_ones(1), x, self.groups, self.stride)
+        return partial_channel([self._ops[k](part) for k in self._live], live, x, self.groups, self.stride)
 
 
 class Cell(nn.Module):
