@@ -5,6 +5,7 @@
     python -m benchmarks.run --compile              # also the reference under torch.compile (slow to compile)
     python -m benchmarks.run --list                 # the case names
     python -m benchmarks.run --report FILE          # the table of a results file again
+    python -m benchmarks.run --report FILE --plot benchmarks/results/speedups.svg   # and a bar chart of it
     python -m benchmarks.run --device cpu --quick   # tiny shapes, a few runs: checks that the suite runs
 
 Cases (``--quick`` shrinks every shape to 3 cells, C=8, batch 2):
@@ -39,7 +40,9 @@ import copy
 import dataclasses
 import fnmatch
 import gc
+import html
 import json
+import math
 import platform
 import signal
 import subprocess
@@ -381,6 +384,46 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
+def speedups(results: dict) -> list[tuple[str, float]]:
+    """(case and baseline, baseline ms / fastdarts ms) for every pair measured."""
+    out = []
+    for name, impls in results["cases"].items():
+        fast = impls.get("fastdarts", {})
+        for base, other in impls.items():
+            if base != "fastdarts" and "ms" in fast and "ms" in other:
+                out.append((f"{name} ({base})", other["ms"] / fast["ms"]))
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    """A horizontal bar chart of the speed-ups (log scale, a line at 1x) as an SVG file."""
+    rows = speedups(results)
+    left, width, row, top = 430, 360, 18, 40
+    lo, hi = math.log10(0.1), math.log10(max([100.0, *(r for _, r in rows)]))
+
+    def x(ratio: float) -> float:
+        return left + width * (math.log10(min(max(ratio, 0.1), 10**hi)) - lo) / (hi - lo)
+
+    env = results["environment"]
+    title = f"fastdarts speed-up over the baseline: {env['device']}, torch {env['torch']}, {env['git'][:10]}"
+    parts = [f'<text x="10" y="20" font-weight="bold">{html.escape(title)}</text>']
+    for tick in (0.1, 1, 10, 100):
+        parts.append(f'<line x1="{x(tick):.1f}" y1="{top - 8}" x2="{x(tick):.1f}" y2="{top + row * len(rows)}" '
+                     f'stroke="{"#000" if tick == 1 else "#ccc"}"/>'
+                     f'<text x="{x(tick):.1f}" y="{top - 10}" text-anchor="middle">{tick:g}x</text>')  # fmt: skip
+    for i, (label, ratio) in enumerate(rows):
+        y = top + i * row
+        color = "#2a7" if ratio >= 1 else "#c44"
+        x0, x1 = sorted((x(1), x(ratio)))
+        parts.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">{html.escape(label)}</text>'
+                     f'<rect x="{x0:.1f}" y="{y + 3}" width="{max(x1 - x0, 1):.1f}" height="{row - 6}" fill="{color}"/>'
+                     f'<text x="{x1 + 4:.1f}" y="{y + 13}">{ratio:.2f}x</text>')  # fmt: skip
+    height = top + row * len(rows) + 10
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 60}" height="{height}" '
+           f'font-family="sans-serif" font-size="11">{"".join(parts)}</svg>\n')  # fmt: skip
+    path.write_text(svg)
+
+
 def _cell(r: dict) -> str:
     if "ms" not in r:
         return r.get("error", "not run")
@@ -429,9 +472,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--list", action="store_true", help="print the case names and exit")
     parser.add_argument("--report", default=None, help="print the table of a results file and exit")
+    parser.add_argument(
+        "--plot", default=None, help="with --report: also draw the speed-ups into this SVG file"
+    )
     args = parser.parse_args(argv)
     if args.report:
-        print("\n".join(summary(json.loads(Path(args.report).read_text()))))
+        results = json.loads(Path(args.report).read_text())
+        print("\n".join(summary(results)))
+        if args.plot:
+            plot(results, Path(args.plot))
         return 0
     try:
         device = torch.device(args.device)

@@ -36,8 +36,13 @@ def test_quick_suite_measures_every_selected_case(tmp_path, capsys):
     assert 0 <= agreement["max_abs_alpha_diff"] < 2 * agreement["steps"] * 3e-4
     table = capsys.readouterr().out
     assert "| step/cifar-b64/first (reference) |" in table and "second/first order (fastdarts)" in table
-    assert run.main(["--report", str(out)]) == 0
+    svg = tmp_path / "speedups.svg"
+    assert run.main(["--report", str(out), "--plot", str(svg)]) == 0
     assert "| hvp/cifar-b64 (reference) |" in capsys.readouterr().out
+    pairs = run.speedups(results)
+    assert len(pairs) == sum(len(impls) - 1 for impls in expected.values())
+    drawing = svg.read_text()
+    assert drawing.count("<rect") == len(pairs) and all(f">{ratio:.2f}x<" in drawing for _, ratio in pairs)
 
 
 def test_a_failing_case_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
