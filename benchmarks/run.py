@@ -13,8 +13,10 @@ Cases (``--quick`` shrinks every shape to 3 cells, C=8, batch 2):
   step with gradient clipping at 5), first and second order (finite-difference HVP), on the DARTS supernet at
   CIFAR shapes (8 cells, C=16, 32x32) at batch 64 and 256 and on the ImageNet-style supernet (224x224, batch
   128), and PC-DARTS first order (K=4 at CIFAR batch 256, K=2 on ImageNet batch 128, edge normalisation).
-  Impls: ``fastdarts`` (backend "auto"), ``reference`` (backend "reference": plain PyTorch, eager) and with
-  ``--compile`` ``reference-compiled`` (the reference supernet under ``torch.compile``).
+  Impls: ``fastdarts`` (backend "auto"), its options ``fastdarts-bf16`` (``--amp bf16``: the forward passes
+  under ``torch.autocast`` in bfloat16) and ``fastdarts-channels-last`` (``--channels-last``), ``reference``
+  (backend "reference": plain PyTorch, eager) and with ``--compile`` ``reference-compiled`` (the reference
+  supernet under ``torch.compile``).
 - ``hvp/cifar-b64``: the finite-difference Hessian-vector product alone: fastdarts' in-place
   ``Architect.fd_hvp`` against the copy-model approach of the DARTS code bases (a deep copy of the supernet per
   side) on the reference path.
@@ -101,6 +103,12 @@ MIXED_SHAPES = [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8), (256, 16, 32
 PARTIAL_SHAPES = [(256, 16, 32, 32, 1, 4), (256, 32, 32, 32, 2, 4), (128, 16, 28, 28, 1, 2)]
 COMPAT = {"darts": 64, "ptdarts": 64, "pcdarts": 256}  # each original's own batch size
 IMPL_BACKEND = {"fastdarts": "auto", "reference": "reference", "reference-compiled": "reference"}
+BASELINES = (
+    "reference",
+    "reference-compiled",
+    "original",
+    "copy",
+)  # every other impl is fastdarts or a variant
 
 
 # ---- what is measured ------------------------------------------------------------------------------------------
@@ -141,7 +149,18 @@ def _step_case(net: Net, order: str, impl: str, device):
     model, train, val = supernet(net, device)
     if impl == "reference-compiled":
         model.compile()
-    return search_step(model, order, train, val)
+    if impl == "fastdarts-channels-last":
+        model.to(memory_format=torch.channels_last)
+        train, val = ((x.contiguous(memory_format=torch.channels_last), y) for x, y in (train, val))
+    step = search_step(model, order, train, val)
+    if impl != "fastdarts-bf16":
+        return step
+
+    def autocast_step():  # what --amp bf16 does: the forward passes under autocast
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            step()
+
+    return autocast_step
 
 
 def copy_model_fd_hvp(model: SearchNetwork, v, x, y, r: float = 0.01):
@@ -240,7 +259,8 @@ class Case:
 def cases(quick: bool, compile_reference: bool) -> dict[str, Case]:
     """Every case of the suite by name."""
     nets = {name: net.quick() if quick else net for name, net in NETS.items()}
-    step_impls = ("fastdarts", "reference") + (("reference-compiled",) if compile_reference else ())
+    step_impls = ("fastdarts", "fastdarts-bf16", "fastdarts-channels-last", "reference")
+    step_impls += ("reference-compiled",) if compile_reference else ()
     out = [Case(f"step/{n}/{o}", step_impls, lambda i, d, n=n, o=o: _step_case(nets[n], o, i, d))
            for n, o in STEPS]  # fmt: skip
     out.append(
@@ -365,13 +385,9 @@ def summary(results: dict) -> list[str]:
         "| case | fastdarts | baseline | speed-up | peak memory (fastdarts / baseline) |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for name, impls in results["cases"].items():
-        fast = impls.get("fastdarts", {})
-        for base, other in impls.items():
-            if base == "fastdarts":
-                continue
-            lines.append(f"| {name} ({base}) | {_cell(fast)} | {_cell(other)} | {_ratio(other, fast)} | "
-                         f"{_memory(fast, other)} |")  # fmt: skip
+    for label, fast, other in _pairs(results):
+        lines.append(f"| {label} | {_cell(fast)} | {_cell(other)} | {_ratio(other, fast)} | "
+                     f"{_memory(fast, other)} |")  # fmt: skip
     for net in dict.fromkeys(net for net, _ in STEPS):
         first, second = results["cases"].get(f"step/{net}/first"), results["cases"].get(f"step/{net}/second")
         if first and second:
@@ -384,15 +400,25 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
-def speedups(results: dict) -> list[tuple[str, float]]:
-    """(case and baseline, baseline ms / fastdarts ms) for every pair measured."""
+def _pairs(results: dict) -> list[tuple[str, dict, dict]]:
+    """(label, fastdarts result, baseline result) for each fastdarts impl (fastdarts and its variants such as
+    fastdarts-bf16) and each baseline of every case."""
     out = []
     for name, impls in results["cases"].items():
-        fast = impls.get("fastdarts", {})
-        for base, other in impls.items():
-            if base != "fastdarts" and "ms" in fast and "ms" in other:
-                out.append((f"{name} ({base})", other["ms"] / fast["ms"]))
+        for impl, fast in impls.items():
+            if impl in BASELINES:
+                continue
+            for base, other in impls.items():
+                if base in BASELINES:
+                    variant = "" if impl == "fastdarts" else f"{impl} vs "
+                    out.append((f"{name} ({variant}{base})", fast, other))
     return out
+
+
+def speedups(results: dict) -> list[tuple[str, float]]:
+    """(case and baseline, baseline ms / fastdarts ms) for every pair measured."""
+    return [(label, other["ms"] / fast["ms"]) for label, fast, other in _pairs(results)
+            if "ms" in fast and "ms" in other]  # fmt: skip
 
 
 def plot(results: dict, path: Path) -> None:

@@ -133,16 +133,28 @@ def get_backend() -> str:
 def kernel_live(op_name: str, device: torch.device) -> bool:
     """Whether op ``op_name`` runs its compiled kernel for tensors on ``device``.
 
-    True when the backend is "auto" and ``fastdarts._C`` registered ``fastdarts_C::<op_name>`` for the
-    device's type (CPU or CUDA).
+    True when the backend is "auto", ``fastdarts._C`` registered ``fastdarts_C::<op_name>`` for the device's type
+    (CPU or CUDA) and ``torch.autocast`` is off for it: under autocast the ops run their references, plain ATen
+    calls that autocast casts as it casts any model (the kernels take one dtype).
     """
-    return _backend == "auto" and _has_kernel(op_name, torch.device(device).type)
+    device = torch.device(device)
+    return (
+        _backend == "auto"
+        and _has_kernel(op_name, device.type)
+        and not torch.is_autocast_enabled(device.type)
+    )
 
 
 def triton_live(device: torch.device) -> bool:
     """Whether ops with a Triton kernel run it for tensors on ``device``: the backend is "auto", the device is a
-    GPU and Triton imports."""
-    return _backend == "auto" and torch.device(device).type == "cuda" and _triton_status()[0]
+    GPU, Triton imports and ``torch.autocast`` is off (as :func:`kernel_live`)."""
+    device = torch.device(device)
+    return (
+        _backend == "auto"
+        and device.type == "cuda"
+        and _triton_status()[0]
+        and not torch.is_autocast_enabled("cuda")
+    )
 
 
 # glibc mallopt parameters and the values tune_cpu_allocator sets: tensors up to 32 MiB (glibc's largest mmap

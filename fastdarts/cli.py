@@ -41,7 +41,7 @@ class _TqdmHandler(logging.Handler):
 def _build_parser() -> argparse.ArgumentParser:
     from fastdarts.data import DATASETS
     from fastdarts.search.architect import HVP_MODES, ORDERS
-    from fastdarts.search.loop import ALGOS, EARLY_STOPS, SearchConfig
+    from fastdarts.search.loop import ALGOS, AMPS, EARLY_STOPS, SearchConfig
     from fastdarts.spaces import SPACES
 
     d = SearchConfig()
@@ -109,6 +109,15 @@ def _build_parser() -> argparse.ArgumentParser:
         help="eigenvalue: R-DARTS' DARTS-ES, stop when the eigenvalue grows too fast (tracking implied)",
     )
     s.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    s.add_argument(
+        "--amp",
+        default=d.amp,
+        choices=list(AMPS),
+        help="bf16: forward passes under torch.autocast in bfloat16",
+    )
+    s.add_argument(
+        "--channels-last", action="store_true", help="model and inputs in channels-last memory format"
+    )
     s.add_argument("--out", required=True, help="run folder: checkpoint.pt, genotype.json, alphas.pt")
     s.add_argument("--resume", action="store_true", help="continue the search checkpointed in --out")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")

@@ -19,9 +19,10 @@ def test_quick_suite_measures_every_selected_case(tmp_path, capsys):
     results = json.loads(out.read_text())
     env = results["environment"]
     assert env["torch"] == torch.__version__ and env["device_type"] == "cpu" and env["git"]
+    steps = {"fastdarts", "fastdarts-bf16", "fastdarts-channels-last", "reference"}
     expected = {
-        "step/cifar-b64/first": {"fastdarts", "reference"},
-        "step/cifar-b64/second": {"fastdarts", "reference"},
+        "step/cifar-b64/first": steps,
+        "step/cifar-b64/second": steps,
         "hvp/cifar-b64": {"fastdarts", "reference"},
         "op/mixed_op/2x4x4x4/forward+backward": {"fastdarts", "reference"},
         "op/partial_channel/2x8x4x4x2x4/forward": {"fastdarts", "reference", "copy"},
@@ -36,11 +37,14 @@ def test_quick_suite_measures_every_selected_case(tmp_path, capsys):
     assert 0 <= agreement["max_abs_alpha_diff"] < 2 * agreement["steps"] * 3e-4
     table = capsys.readouterr().out
     assert "| step/cifar-b64/first (reference) |" in table and "second/first order (fastdarts)" in table
+    assert "| step/cifar-b64/second (fastdarts-bf16 vs reference) |" in table
     svg = tmp_path / "speedups.svg"
     assert run.main(["--report", str(out), "--plot", str(svg)]) == 0
     assert "| hvp/cifar-b64 (reference) |" in capsys.readouterr().out
     pairs = run.speedups(results)
-    assert len(pairs) == sum(len(impls) - 1 for impls in expected.values())
+    assert len(pairs) == sum(
+        len(i - set(run.BASELINES)) * len(i & set(run.BASELINES)) for i in expected.values()
+    )
     drawing = svg.read_text()
     assert drawing.count("<rect") == len(pairs) and all(f">{ratio:.2f}x<" in drawing for _, ratio in pairs)
 

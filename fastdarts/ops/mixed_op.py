@@ -8,6 +8,7 @@ kernels registered here (``torch.compile``, ``opcheck``); the autograd is the ``
 kernels), whose double backward differentiates the reference formulas.
 """
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +33,7 @@ def _check_inputs(op: str, xs: Sequence[Tensor], weights: Tensor, grad: Tensor |
     if len(xs) == 0:
         raise UsageError(f"{op}: xs is empty, expected at least one tensor")
     x0 = xs[0]
+    autocast = torch.is_autocast_enabled(x0.device.type)  # the candidates' outputs may then differ in dtype
     if x0.dtype not in _DTYPES:
         raise UsageError(
             f"{op}: xs[0] has dtype {x0.dtype}, expected one of float32, float64, float16, bfloat16"
@@ -41,14 +43,14 @@ def _check_inputs(op: str, xs: Sequence[Tensor], weights: Tensor, grad: Tensor |
             raise UsageError(
                 f"{op}: xs[{k}] has shape {tuple(x.shape)}, expected {tuple(x0.shape)} like xs[0]"
             )
-        if x.dtype != x0.dtype:
+        if x.dtype != x0.dtype and not autocast:
             raise UsageError(f"{op}: xs[{k}] has dtype {x.dtype}, expected {x0.dtype} like xs[0]")
         if x.device != x0.device:
             raise UsageError(f"{op}: xs[{k}] is on {x.device}, expected {x0.device} like xs[0]")
     K = len(xs)
     if weights.dim() != 1 or weights.shape[0] != K:
         raise UsageError(f"{op}: weights has shape {tuple(weights.shape)}, expected ({K},) for {K} inputs")
-    if weights.dtype not in (torch.float32, x0.dtype):
+    if weights.dtype not in (torch.float32, x0.dtype) and not autocast:
         allowed = "torch.float32" if x0.dtype == torch.float32 else f"torch.float32 or {x0.dtype}"
         raise UsageError(f"{op}: weights has dtype {weights.dtype}, expected {allowed} like xs")
     if weights.device != x0.device:
@@ -58,7 +60,7 @@ def _check_inputs(op: str, xs: Sequence[Tensor], weights: Tensor, grad: Tensor |
             raise UsageError(
                 f"{op}: grad has shape {tuple(grad.shape)}, expected {tuple(x0.shape)} like xs[0]"
             )
-        if grad.dtype != x0.dtype:
+        if grad.dtype != x0.dtype and not autocast:
             raise UsageError(f"{op}: grad has dtype {grad.dtype}, expected {x0.dtype} like xs")
         if grad.device != x0.device:
             raise UsageError(f"{op}: grad is on {grad.device}, expected {x0.device} like xs")
@@ -68,7 +70,9 @@ def mixed_op_ref(xs: Sequence[Tensor], weights: Tensor) -> Tensor:
     """Pure-PyTorch mixed op: the oracle of :func:`mixed_op` and its fallback.
 
     ``out = sum_k weights[k] * xs[k]``, accumulated in fp32 (fp64 for fp64 inputs) and returned in the dtype
-    of ``xs``. Works on any layout (non-contiguous inputs included) and is differentiable by autograd.
+    of ``xs``. Works on any layout (non-contiguous inputs included) and is differentiable by autograd. Under
+    ``torch.autocast`` the inputs may differ in dtype (a skip of an fp32 state beside bf16 convolutions); the
+    result then has their promoted dtype, as their sum in PyTorch would.
 
     Args:
         xs: K >= 1 tensors of one shape (normally ``[B, C, H, W]``), dtype (float32, float64, float16 or
@@ -83,12 +87,13 @@ def mixed_op_ref(xs: Sequence[Tensor], weights: Tensor) -> Tensor:
         UsageError: the inputs disagree in count, shape, dtype or device.
     """
     _check_inputs("mixed_op_ref", xs, weights)
-    acc = _acc_dtype(xs[0].dtype)
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in xs))
+    acc = _acc_dtype(dtype)
     w = weights.to(acc)
     out = w[0] * xs[0].to(acc)
     for k in range(1, len(xs)):
         out = out + w[k] * xs[k].to(acc)
-    return out.to(xs[0].dtype)
+    return out.to(dtype)
 
 
 def _grad_xs_ref(grad: Tensor, weights: Tensor) -> list[Tensor]:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 ALGOS = tuple(ALGORITHMS)
 EARLY_STOPS = ("none", "eigenvalue")
+AMPS = ("none", "bf16")
 CHECKPOINT = "checkpoint.pt"
 # Settings that may change between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = ("device", "workers")
@@ -50,6 +51,9 @@ class SearchConfig:
         track_eigenvalue: after each epoch, the dominant eigenvalue of the Hessian of L_val in alpha (on the
             epoch's first validation batch; see fastdarts.search.curvature).
         early_stop: "none", or "eigenvalue": R-DARTS' DARTS-ES on the tracked eigenvalue (tracking implied).
+        amp: "none", or "bf16": the forward passes of the search steps and of the evaluation under
+            ``torch.autocast`` in bfloat16 (weights, alphas and optimiser states stay float32).
+        channels_last: the model and its inputs in the channels-last memory format.
     """
 
     space: str = "darts"
@@ -78,10 +82,12 @@ class SearchConfig:
     device: str = "auto"
     track_eigenvalue: bool = False
     early_stop: str = "none"
+    amp: str = "none"
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         choices = {"space": tuple(SPACES), "algo": ALGOS, "order": ORDERS, "hvp": HVP_MODES, "data": DATASETS,
-                   "early_stop": EARLY_STOPS}  # fmt: skip
+                   "early_stop": EARLY_STOPS, "amp": AMPS}  # fmt: skip
         for field, allowed in choices.items():
             value = getattr(self, field)
             if value not in allowed:
@@ -197,14 +203,28 @@ def _cycle(loader: Loader) -> Iterator:
         yield from loader
 
 
+def _autocast(device: torch.device, amp: str) -> torch.autocast:
+    """The autocast context of ``amp`` ("none": off) for ``device``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def _inputs(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A batch on ``device``, in the channels-last memory format when asked."""
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    return x.to(device, non_blocking=True, memory_format=memory_format)
+
+
 @torch.no_grad()
-def evaluate(model: SearchNetwork, loader: Loader, device: torch.device) -> tuple[float, float]:
+def evaluate(
+    model: SearchNetwork, loader: Loader, device: torch.device, amp: str = "none", channels_last: bool = False
+) -> tuple[float, float]:
     """Mean loss and accuracy of the supernet in eval mode (BatchNorm running statistics) over loader."""
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
+        x, y = _inputs(x, device, channels_last), y.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            logits = model(x)
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         count += y.numel()
@@ -232,6 +252,8 @@ class Search:
             config.init_channels, self.data.num_classes, config.layers, self.space, self.data.in_channels,
             partial_channels=K, edge_normalization=algo.edge_normalization,
         ).to(self.device)  # fmt: skip
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         weights = (
             freeze_random_features(self.model) if algo.random_features else self.model.weight_parameters()
         )
@@ -271,15 +293,17 @@ class Search:
         total_loss, correct, count = 0.0, 0, 0
         for step, (x, y) in enumerate(self.data.train):
             x_val, y_val = next(val_batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x_val, y_val = x_val.to(device, non_blocking=True), y_val.to(device, non_blocking=True)
+            x, x_val = _inputs(x, device, cfg.channels_last), _inputs(x_val, device, cfg.channels_last)
+            y, y_val = y.to(device, non_blocking=True), y_val.to(device, non_blocking=True)
             model.train()
             if self.epoch >= cfg.arch_warmup_epochs:
-                self.architect.step(x, y, x_val, y_val, lr, self.optimizer)
+                with _autocast(device, cfg.amp):
+                    self.architect.step(x, y, x_val, y_val, lr, self.optimizer)
 
             self.optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            with _autocast(device, cfg.amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.weight_parameters(), cfg.grad_clip)
             self.optimizer.step()
@@ -322,7 +346,9 @@ class Search:
             lr = self.scheduler.get_last_lr()[0]
             train_loss, train_acc = self.train_epoch(on_batch)
             self.scheduler.step()
-            val_loss, val_acc = evaluate(self.model, self.data.val, self.device)
+            val_loss, val_acc = evaluate(
+                self.model, self.data.val, self.device, self.config.amp, self.config.channels_last
+            )
             record = EpochRecord(self.epoch, lr, train_loss, train_acc, val_loss, val_acc, self.genotype(),
                                  self.eigenvalue() if tracking else None)  # fmt: skip
             self.history.append(record)
