@@ -5,8 +5,12 @@
 #   bash benchmarks/gpu.sh test [pytest args]    # the test suite, every op test on the CPU and on CUDA
 #   bash benchmarks/gpu.sh bench [suite args]    # python -m benchmarks.run (results to benchmarks/results/, or to
 #                                                # $OUT/suite.json when OUT is set)
-#   bash benchmarks/gpu.sh all                   # both (about 10 minutes on an H100: split them where a command
-#                                                # has a time limit)
+#   bash benchmarks/gpu.sh all                   # both
+#
+# The whole suite takes longer than 10 minutes (an estimate: it has not run on a GPU yet). Where a command has a
+# time limit, split it and collect the halves in one file with --merge:
+#   bash benchmarks/gpu.sh bench --only 'step/cifar*,hvp/*,op/*,agreement*'
+#   bash benchmarks/gpu.sh bench --only 'step/imagenet*,step/pcdarts*,compat/*' --merge
 #
 # TORCH_CUDA_ARCH_LIST defaults to the GPU's own architecture here (one arch compiles in half the time of two).
 set -euo pipefail

@@ -3,6 +3,7 @@
     python -m benchmarks.run                        # every case on cuda -> benchmarks/results/<gpu>-suite.json
     python -m benchmarks.run --only 'step/cifar*'   # the cases matching any of these patterns (fnmatch)
     python -m benchmarks.run --compile              # also the reference under torch.compile (slow to compile)
+    python -m benchmarks.run --only 'step/imagenet*,compat/*' --merge   # add to the results file (split runs)
     python -m benchmarks.run --list                 # the case names
     python -m benchmarks.run --report FILE          # the table of a results file again
     python -m benchmarks.run --report FILE --plot benchmarks/results/speedups.svg   # and a bar chart of it
@@ -490,8 +491,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile-timeout", type=float, default=300.0, help="seconds for a case's first call"
     )
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed runs per measurement")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="calls before timing (the first one timed apart)"
+    )
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per measurement")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the cases of an existing --out file that this run does not measure",
+    )
     parser.add_argument("--agreement-steps", type=int, default=None, help="default 50 (5 with --quick)")
     parser.add_argument(
         "--out", default=None, help="results file (default benchmarks/results/<device>-suite.json)"
@@ -525,8 +533,15 @@ def main(argv: list[str] | None = None) -> int:
         return _usage(f"--device {args.device}: no CUDA device is available here")
     out = Path(args.out) if args.out else _default_out(device)
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("list", "report")}
+    config = {k: v for k, v in vars(args).items() if k not in ("list", "report", "plot")}
     results = {"environment": environment(device), "config": config, "cases": {}}
+    if args.merge and out.exists():  # a suite split over several commands: one file (the newest environment)
+        earlier = json.loads(out.read_text())
+        results["cases"] = {n: r for n, r in earlier["cases"].items() if n not in selected}
+        results["earlier"] = earlier.get("earlier", []) + [{"environment": earlier["environment"],
+                                                              "config": earlier["config"]}]  # fmt: skip
+        if "agreement" in earlier and not run_agreement:
+            results["agreement"] = earlier["agreement"]
     for name, case in selected.items():
         for impl in case.impls:
             r = _run_one(case, impl, device, args)

@@ -65,6 +65,27 @@ def test_a_failing_case_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch)
     assert cases["op/works"]["fastdarts"]["ms"] > 0
 
 
+def test_merge_keeps_the_cases_measured_before(tmp_path):
+    out = tmp_path / "suite.json"
+    assert run.main([*QUICK, "--only", "op/mixed_op/2x4x4x4/*", "--out", str(out)]) == 0
+    first = json.loads(out.read_text())
+    assert run.main([*QUICK, "--only", "op/mixed_op/2x8x4x4/*", "--out", str(out), "--merge"]) == 0
+    merged = json.loads(out.read_text())
+    assert set(merged["cases"]) == {
+        "op/mixed_op/2x4x4x4/forward+backward",
+        "op/mixed_op/2x8x4x4/forward+backward",
+    }
+    assert (
+        merged["cases"]["op/mixed_op/2x4x4x4/forward+backward"]
+        == first["cases"]["op/mixed_op/2x4x4x4/forward+backward"]
+    )
+    assert merged["earlier"] == [{"environment": first["environment"], "config": first["config"]}]
+    assert (
+        run.main([*QUICK, "--only", "op/mixed_op/2x8x4x4/*", "--out", str(out)]) == 0
+    )  # without --merge: anew
+    assert set(json.loads(out.read_text())["cases"]) == {"op/mixed_op/2x8x4x4/forward+backward"}
+
+
 def test_a_first_call_past_the_timeout_is_recorded():
     def never_finishes():
         while True:
