@@ -133,14 +133,15 @@ def supernet(net: Net, device: torch.device, seed: int = 0):
 def search_step(model: SearchNetwork, order: str, train, val) -> Callable[[], None]:
     """One search iteration as ``fastdarts search`` runs it: the architecture step, then the weight step (SGD
     with momentum and weight decay, gradients clipped at norm 5)."""
-    optimizer = torch.optim.SGD(model.weight_parameters(), LR, momentum=0.9, weight_decay=3e-4)
+    weights = model.weight_parameters()
+    optimizer = torch.optim.SGD(weights, LR, momentum=0.9, weight_decay=3e-4)
     architect = Architect(model, ArchitectConfig(order=order))
 
     def step():
         architect.step(*train, *val, LR, optimizer)
         optimizer.zero_grad(set_to_none=True)
         model.loss(*train).backward()
-        nn.utils.clip_grad_norm_(model.weight_parameters(), 5.0)
+        nn.utils.clip_grad_norm_(weights, 5.0)
         optimizer.step()
 
     return step

