@@ -14,7 +14,8 @@ Cases (``--quick`` shrinks every shape to 3 cells, C=8, batch 2):
   step with gradient clipping at 5), first and second order (finite-difference HVP), on the DARTS supernet at
   CIFAR shapes (8 cells, C=16, 32x32) at batch 64 and 256 and on the ImageNet-style supernet (224x224, batch
   128), and PC-DARTS first order (K=4 at CIFAR batch 256, K=2 on ImageNet batch 128, edge normalisation).
-  Impls: ``fastdarts`` (backend "auto"), its options ``fastdarts-bf16`` (``--amp bf16``: the forward passes
+  Impls: ``fastdarts`` (backend "auto"), its options ``fastdarts-graphs`` (``--cuda-graphs``: recorded once as a
+  CUDA graph, then replayed; CUDA only), ``fastdarts-bf16`` (``--amp bf16``: the forward passes
   under ``torch.autocast`` in bfloat16) and ``fastdarts-channels-last`` (``--channels-last``), ``reference``
   (backend "reference": plain PyTorch, eager) and with ``--compile`` ``reference-compiled`` (the reference
   supernet under ``torch.compile``).
@@ -63,6 +64,7 @@ import fastdarts
 from fastdarts.nn import SearchNetwork
 from fastdarts.ops import fd_hvp, fd_hvp_ref, mixed_op, mixed_op_ref, partial_channel, partial_channel_ref
 from fastdarts.search import Architect, ArchitectConfig
+from fastdarts.search.graphs import GraphedStep
 from fastdarts.spaces import DARTS, DARTS_IMAGENET, SearchSpace
 
 RESULTS = Path(__file__).with_name("results")
@@ -130,12 +132,13 @@ def supernet(net: Net, device: torch.device, seed: int = 0):
     return model, batch(), batch()
 
 
-def search_step(model: SearchNetwork, order: str, train, val) -> Callable[[], None]:
+def search_step(model: SearchNetwork, order: str, train, val, capturable: bool = False) -> Callable[[], None]:
     """One search iteration as ``fastdarts search`` runs it: the architecture step, then the weight step (SGD
-    with momentum and weight decay, gradients clipped at norm 5)."""
+    with momentum and weight decay, gradients clipped at norm 5). capturable: Adam's state on the GPU, so that
+    the step can be recorded as a CUDA graph."""
     weights = model.weight_parameters()
     optimizer = torch.optim.SGD(weights, LR, momentum=0.9, weight_decay=3e-4)
-    architect = Architect(model, ArchitectConfig(order=order))
+    architect = Architect(model, ArchitectConfig(order=order, capturable=capturable))
 
     def step():
         architect.step(*train, *val, LR, optimizer)
@@ -154,7 +157,18 @@ def _step_case(net: Net, order: str, impl: str, device):
     if impl == "fastdarts-channels-last":
         model.to(memory_format=torch.channels_last)
         train, val = ((x.contiguous(memory_format=torch.channels_last), y) for x, y in (train, val))
-    step = search_step(model, order, train, val)
+    step = search_step(model, order, train, val, capturable=impl == "fastdarts-graphs")
+    if impl == "fastdarts-graphs":  # what --cuda-graphs does: the iteration recorded once, then replayed
+        graphed = GraphedStep(lambda: step() or ())
+        for _ in range(graphed.warmup + 1):  # the eager warm-up and the recording, before any timing
+            graphed()
+
+        def graphed_step():
+            graphed()
+            if graphed.failed:  # an eager step must not be timed as a graphed one
+                raise RuntimeError("recording the search step as a CUDA graph failed (see the log)")
+
+        return graphed_step
     if impl != "fastdarts-bf16":
         return step
 
@@ -258,10 +272,11 @@ class Case:
     build: Callable  # (impl, device) -> the callable that is timed
 
 
-def cases(quick: bool, compile_reference: bool) -> dict[str, Case]:
-    """Every case of the suite by name."""
+def cases(quick: bool, compile_reference: bool, cuda: bool = False) -> dict[str, Case]:
+    """Every case of the suite by name (fastdarts-graphs only on CUDA)."""
     nets = {name: net.quick() if quick else net for name, net in NETS.items()}
-    step_impls = ("fastdarts", "fastdarts-bf16", "fastdarts-channels-last", "reference")
+    step_impls = ("fastdarts",) + (("fastdarts-graphs",) if cuda else ())
+    step_impls += ("fastdarts-bf16", "fastdarts-channels-last", "reference")
     step_impls += ("reference-compiled",) if compile_reference else ()
     out = [Case(f"step/{n}/{o}", step_impls, lambda i, d, n=n, o=o: _step_case(nets[n], o, i, d))
            for n, o in STEPS]  # fmt: skip
@@ -522,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError:
         return _usage(f"--device {args.device!r} is not a device, expected cpu, cuda or cuda:N")
     patterns = args.only.split(",")
-    selected = {n: c for n, c in cases(args.quick, args.compile).items()
+    selected = {n: c for n, c in cases(args.quick, args.compile, device.type == "cuda").items()
                 if any(fnmatch.fnmatch(n, p) for p in patterns)}  # fmt: skip
     run_agreement = any(fnmatch.fnmatch("agreement/cifar-b64", p) for p in patterns)
     if not selected and not run_agreement:

@@ -118,6 +118,11 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--channels-last", action="store_true", help="model and inputs in channels-last memory format"
     )
+    s.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="CUDA: record each epoch's search iteration as a CUDA graph",
+    )
     s.add_argument("--out", required=True, help="run folder: checkpoint.pt, genotype.json, alphas.pt")
     s.add_argument("--resume", action="store_true", help="continue the search checkpointed in --out")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")

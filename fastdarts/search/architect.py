@@ -54,6 +54,7 @@ class ArchitectConfig:
         hvp: "fd" (finite difference) or "exact" (double backprop); second order only.
         lr, betas, weight_decay: Adam on the alphas.
         fd_r: the finite-difference radius, eps = fd_r / ||v||.
+        capturable: Adam's ``capturable`` (its state on the GPU), so that the step can be recorded as a CUDA graph.
     """
 
     order: str = "first"
@@ -62,6 +63,7 @@ class ArchitectConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 1e-3
     fd_r: float = 0.01
+    capturable: bool = False
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
@@ -137,7 +139,7 @@ class Architect:
         self.network_weight_decay = network_weight_decay
         self.optimizer = torch.optim.Adam(
             model.arch_parameters(), lr=self.config.lr, betas=self.config.betas,
-            weight_decay=self.config.weight_decay,
+            weight_decay=self.config.weight_decay, capturable=self.config.capturable,
         )  # fmt: skip
 
     def step(

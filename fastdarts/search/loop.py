@@ -21,6 +21,7 @@ from fastdarts.search.algorithms import ALGORITHMS, freeze_random_features
 from fastdarts.search.architect import HVP_MODES, ORDERS, Architect, ArchitectConfig
 from fastdarts.search.checkpoint import load_checkpoint, save_atomic
 from fastdarts.search.curvature import early_stop_epoch, hessian_eigenvalue
+from fastdarts.search.graphs import GraphedStep
 from fastdarts.select import Genotype, derive_genotype
 from fastdarts.spaces import SPACES, get_space
 
@@ -31,7 +32,7 @@ EARLY_STOPS = ("none", "eigenvalue")
 AMPS = ("none", "bf16")
 CHECKPOINT = "checkpoint.pt"
 # Settings that may change between a run and its resumption without changing its result.
-RESUMABLE_CHANGES = ("device", "workers")
+RESUMABLE_CHANGES = ("device", "workers", "cuda_graphs")
 
 
 @dataclass
@@ -51,6 +52,8 @@ class SearchConfig:
         track_eigenvalue: after each epoch, the dominant eigenvalue of the Hessian of L_val in alpha (on the
             epoch's first validation batch; see fastdarts.search.curvature).
         early_stop: "none", or "eigenvalue": R-DARTS' DARTS-ES on the tracked eigenvalue (tracking implied).
+        cuda_graphs: record each epoch's search iteration as a CUDA graph and replay it (fastdarts.search.graphs;
+            CUDA only, not yet run on a GPU).
         amp: "none", or "bf16": the forward passes of the search steps and of the evaluation under
             ``torch.autocast`` in bfloat16 (weights, alphas and optimiser states stay float32).
         channels_last: the model and its inputs in the channels-last memory format.
@@ -84,6 +87,7 @@ class SearchConfig:
     early_stop: str = "none"
     amp: str = "none"
     channels_last: bool = False
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         choices = {"space": tuple(SPACES), "algo": ALGOS, "order": ORDERS, "hvp": HVP_MODES, "data": DATASETS,
@@ -132,6 +136,8 @@ class SearchConfig:
             raise UsageError(f"unknown device {self.device!r}, expected auto, cpu, cuda or cuda:N") from e
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device {self.device!r} asked for, but torch sees no CUDA GPU")
+        if self.cuda_graphs and device.type != "cuda":
+            raise UsageError(f"cuda_graphs needs a CUDA device, but device {self.device!r} is {device.type}")
         return device
 
 
@@ -268,8 +274,9 @@ class Search:
             self.optimizer, config.epochs, config.lr_min
         )
         arch_config = ArchitectConfig(
-            order=config.order, hvp=config.hvp, lr=config.arch_lr, weight_decay=config.arch_weight_decay
-        )
+            order=config.order, hvp=config.hvp, lr=config.arch_lr, weight_decay=config.arch_weight_decay,
+            capturable=config.cuda_graphs,
+        )  # fmt: skip
         self.architect = Architect(self.model, arch_config, config.momentum, config.weight_decay)
         self.epoch = 0
         self.history: list[EpochRecord] = []
@@ -292,22 +299,15 @@ class Search:
         self.data.val.set_epoch(self.epoch)
         val_batches = _cycle(self.data.val)
         total_loss, correct, count = 0.0, 0, 0
+        one_step = self.step_fn(lr, self.epoch >= cfg.arch_warmup_epochs)
+        if cfg.cuda_graphs:  # recorded anew each epoch: the learning rate is a constant of the recording
+            one_step = GraphedStep(one_step)
+        model.train()
         for step, (x, y) in enumerate(self.data.train):
             x_val, y_val = next(val_batches)
             x, x_val = _inputs(x, device, cfg.channels_last), _inputs(x_val, device, cfg.channels_last)
             y, y_val = y.to(device, non_blocking=True), y_val.to(device, non_blocking=True)
-            model.train()
-            if self.epoch >= cfg.arch_warmup_epochs:
-                with _autocast(device, cfg.amp):
-                    self.architect.step(x, y, x_val, y_val, lr, self.optimizer)
-
-            self.optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, cfg.amp):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.weights, cfg.grad_clip)
-            self.optimizer.step()
+            loss, logits = one_step(x, y, x_val, y_val)
 
             batch_loss = loss.item()
             if not math.isfinite(batch_loss):
@@ -321,6 +321,27 @@ class Search:
             if on_batch is not None:
                 on_batch(self.epoch, step, len(self.data.train), total_loss / count, correct / count)
         return total_loss / max(count, 1), correct / max(count, 1)
+
+    def step_fn(self, lr: float, arch_step: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """One search iteration at learning rate ``lr``: ``(x, y, x_val, y_val) -> (loss, logits)`` of the weight
+        step (detached), after the architecture step when ``arch_step``. No host synchronisation inside (so that
+        it can be recorded as a CUDA graph)."""
+        cfg, model, device = self.config, self.model, self.device
+
+        def one_step(x, y, x_val, y_val):
+            if arch_step:
+                with _autocast(device, cfg.amp):
+                    self.architect.step(x, y, x_val, y_val, lr, self.optimizer)
+            self.optimizer.zero_grad(set_to_none=True)
+            with _autocast(device, cfg.amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.weights, cfg.grad_clip)
+            self.optimizer.step()
+            return loss.detach(), logits.detach()
+
+        return one_step
 
     @property
     def stopped_at(self) -> int | None:
