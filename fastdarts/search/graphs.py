@@ -79,7 +79,8 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: a data loader's pinning thread may call CUDA meanwhile, which is not part of the step
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._outputs = self.step(*self._inputs)
         except RuntimeError as exc:  # nothing ran while recording: the step is run eagerly instead
             log.warning("recording the search step as a CUDA graph failed (%s); running it eagerly", exc)
