@@ -1,6 +1,8 @@
 """Whole-step CUDA graphs (fastdarts.search.graphs, --cuda-graphs): the replayed steps equal eager ones. The GPU
 tests run where a GPU is present (`bash benchmarks/gpu.sh test`); on the CPU only the refusal is checked."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -66,3 +68,87 @@ def test_search_with_cuda_graphs_ends_where_an_eager_one_does(order):
         # fp32 searches drift apart at ~1e-4 whenever the rounding differs (Adam's first steps are sign-like)
         torch.testing.assert_close(graphed.arch_history()[name], a, rtol=0, atol=1e-3)
     assert graphed.history[-1].val_loss == pytest.approx(eager.history[-1].val_loss, rel=1e-2)
+
+
+class _FakeCuda:
+    """CUDA's graph API on the CPU, for GraphedStep's control flow: a 'recording' remembers the step and its static
+    inputs, a replay runs it again on them (what a real replay computes)."""
+
+    def __init__(self, monkeypatch, fail=False):
+        self.fail, self.recorded = fail, None
+        fake = self
+
+        class Graph:
+            def replay(self):
+                fake.recorded()
+
+        class Recording:
+            def __init__(self, graph, **kwargs):
+                self.kwargs = kwargs
+
+            def __enter__(self):
+                fake.recording = True
+
+            def __exit__(self, *exc):
+                fake.recording = False
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", Recording)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+        self.recording = False
+
+
+def _cpu_toy(fake):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
+    static = {}
+
+    def step(x):
+        if fake is not None and fake.recording:  # a recording runs nothing: remember what a replay would run
+            if fake.fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            out = torch.zeros(())
+            static["out"] = out
+
+            def replay():
+                out.copy_(step.__wrapped__(x)[0])
+
+            fake.recorded = replay
+            return (out,)
+        return step.__wrapped__(x)
+
+    def run(x):
+        optimizer.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        optimizer.step()
+        return (loss.detach(),)
+
+    step.__wrapped__ = run
+    return model, step
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["recorded", "recording-fails"])
+def test_graphed_step_warms_up_records_once_and_replays(monkeypatch, fail):
+    fake = _FakeCuda(monkeypatch, fail)
+    batches = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(7)] + [
+        torch.randn(2, 4)
+    ]
+    eager_model, eager_step = _cpu_toy(None)
+    model, step = _cpu_toy(fake)
+    graphed = GraphedStep(step)
+    for x in batches:
+        assert graphed(x)[0].item() == pytest.approx(eager_step(x)[0].item(), rel=1e-6)
+    if fail:  # every step eager after the failed recording, none lost
+        assert graphed.failed and graphed.graph is None and graphed.replays == 0
+    else:  # 3 eager, the 4th recorded and replayed, then replays; the shorter batch eager
+        assert not graphed.failed and graphed.replays == len(batches) - 1 - graphed.warmup
+    torch.testing.assert_close(model.weight, eager_model.weight)
