@@ -137,7 +137,7 @@ def search_step(model: SearchNetwork, order: str, train, val, capturable: bool =
     with momentum and weight decay, gradients clipped at norm 5). capturable: Adam's state on the GPU, so that
     the step can be recorded as a CUDA graph."""
     weights = model.weight_parameters()
-    optimizer = torch.optim.SGD(weights, LR, momentum=0.9, weight_decay=3e-4)
+    optimizer = torch.optim.SGD(weights, LR, momentum=0.9, weight_decay=3e-4, foreach=True)  # as Search's
     architect = Architect(model, ArchitectConfig(order=order, capturable=capturable))
 
     def step():
