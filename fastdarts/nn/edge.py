@@ -54,6 +54,7 @@ def mixed_edge(candidates: Sequence[nn.Module], x: Tensor, weights: Tensor) -> T
     plan: list[tuple] = []
     params: list[Tensor | None] = []
     externals: list[Tensor] = []
+    counters: list[Tensor] = []  # the BatchNorms' num_batches_tracked, advanced together below
     for op in candidates:
         if type(op) is Identity:
             plan.append(("identity",))
@@ -63,15 +64,17 @@ def mixed_edge(candidates: Sequence[nn.Module], x: Tensor, weights: Tensor) -> T
             steps = []
             for dw, pw, bn in units:
                 params += [dw.weight, pw.weight, bn.weight, bn.bias]
-                steps.append((dw.stride[0], dw.padding[0], dw.dilation[0], *bn_call(bn), bn.eps))
+                steps.append((dw.stride[0], dw.padding[0], dw.dilation[0], *bn_call(bn, counters), bn.eps))
             plan.append(("units", tuple(steps)))
             continue
         pool = pool_bn_kind(op[0], op[1]) if type(op) is PoolBN else None
         if pool is not None:
-            plan.append(("pool", pool[0] == "max", pool[1], *bn_call(op[1]), op[1].eps))
+            plan.append(("pool", pool[0] == "max", pool[1], *bn_call(op[1], counters), op[1].eps))
             continue
         plan.append(("external",))
         externals.append(op(x))
+    if counters:
+        torch._foreach_add_(counters, 1)
     return _MixedEdge.apply(plan, len(params), x, weights, *params, *externals)
 
 

@@ -134,14 +134,21 @@ def _units_forward(module: nn.Module, x: Tensor) -> Tensor:
     return x
 
 
-def bn_call(bn: nn.BatchNorm2d) -> tuple:
+def bn_call(bn: nn.BatchNorm2d, counters: list[Tensor] | None = None) -> tuple:
     """(running_mean, running_var, training, momentum) for a functional BatchNorm call on behalf of ``bn``, with
-    the semantics of ``nn.BatchNorm2d.forward`` (num_batches_tracked, momentum None as a cumulative average)."""
+    the semantics of ``nn.BatchNorm2d.forward`` (num_batches_tracked, momentum None as a cumulative average).
+    counters: where given, ``num_batches_tracked`` is appended to it for the caller to advance with the others in
+    one multi-tensor add, instead of advanced here."""
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+        if counters is None:
+            bn.num_batches_tracked.add_(1)
+            batches = bn.num_batches_tracked
+        else:
+            counters.append(bn.num_batches_tracked)
+            batches = bn.num_batches_tracked + 1
         if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
+            momentum = 1.0 / float(batches)
     track = not bn.training or bn.track_running_stats
     batch_stats = bn.training or bn.running_mean is None
     return (bn.running_mean if track else None, bn.running_var if track else None, batch_stats, momentum)
