@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdarts.nn import cell as _cell
-from fastdarts.nn.operations import Identity, Zero, dil_conv_block, pool_bn_block
+from fastdarts.nn.operations import Identity, Zero, dil_conv_block, dil_conv_units, pool_bn_block, relu_units
 from fastdarts.search import architect as _architect
 from fastdarts.spaces import DARTS
 
@@ -57,6 +57,10 @@ class PoolBN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return pool_bn_block(self.pool, self.bn, x)
+
+    def pool_parts(self) -> tuple[nn.Module, nn.BatchNorm2d]:
+        """(pool, BatchNorm), for fastdarts' fused edge."""
+        return self.pool, self.bn
 
 
 class StdConv(nn.Module):
@@ -94,6 +98,10 @@ class DilConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return dil_conv_block(self.net, x)
 
+    def fused_units(self) -> tuple | None:
+        """Its one fused unit, for fastdarts' fused edge (None when its activation was swapped)."""
+        return relu_units(tuple(self.net))
+
 
 class SepConv(nn.Module):
     """Two DilConv with dilation 1 as ``net``; only the first strides."""
@@ -109,6 +117,11 @@ class SepConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def fused_units(self) -> tuple | None:
+        """Its two DilConv's fused units, for fastdarts' fused edge (None when one of them has none)."""
+        units = [dil_conv_units(m) for m in self.net]
+        return None if any(u is None for u in units) else tuple(u for part in units for u in part)
 
 
 class FactorizedReduce(nn.Module):

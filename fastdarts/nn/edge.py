@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdarts import backend
-from fastdarts.nn.operations import Identity, PoolBN, bn_call, dil_conv_units, pool_bn_kind
+from fastdarts.nn.operations import Identity, bn_call, dil_conv_units, pool_bn_kind
 from fastdarts.ops import dil_conv_ref, mixed_op_ref, pool_bn_ref
 
 __all__ = ["mixed_edge", "mixed_edge_applies"]
@@ -67,9 +67,11 @@ def mixed_edge(candidates: Sequence[nn.Module], x: Tensor, weights: Tensor) -> T
                 steps.append((dw.stride[0], dw.padding[0], dw.dilation[0], *bn_call(bn, counters), bn.eps))
             plan.append(("units", tuple(steps)))
             continue
-        pool = pool_bn_kind(op[0], op[1]) if type(op) is PoolBN else None
+        pool_parts = getattr(type(op), "pool_parts", None)
+        parts = pool_parts(op) if pool_parts is not None else None
+        pool = pool_bn_kind(*parts) if parts is not None else None
         if pool is not None:
-            plan.append(("pool", pool[0] == "max", pool[1], *bn_call(op[1], counters), op[1].eps))
+            plan.append(("pool", pool[0] == "max", pool[1], *bn_call(parts[1], counters), parts[1].eps))
             continue
         plan.append(("external",))
         externals.append(op(x))

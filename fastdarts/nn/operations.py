@@ -6,7 +6,7 @@ Module and parameter names follow quark0/darts `cnn/operations.py` (`op.0`, `op.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +75,10 @@ class DilConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return _units_forward(self, x)
 
+    def fused_units(self) -> tuple[Unit, ...] | None:
+        """Its fused units (see :func:`dil_conv_units`)."""
+        return relu_units(tuple(self.op))
+
 
 def dil_conv_block(block: nn.Sequential, x: Tensor) -> Tensor:
     """Run ``block`` = (ReLU, depthwise conv, pointwise conv, BatchNorm) as one fused unit, or as the modules
@@ -107,21 +111,29 @@ class SepConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return _units_forward(self, x)
 
+    def fused_units(self) -> tuple[Unit, ...] | None:
+        """Its fused units (see :func:`dil_conv_units`)."""
+        return relu_units(tuple(self.op))
+
 
 Unit = tuple[nn.Conv2d, nn.Conv2d, nn.BatchNorm2d]
 """(depthwise conv, pointwise conv, BatchNorm) after a ReLU: what one :func:`fastdarts.ops.dil_conv` computes."""
 
 
-def dil_conv_units(module: nn.Module) -> tuple[Unit, ...] | None:
-    """The fused units of a :class:`DilConv` (one) or :class:`SepConv` (two) candidate, in order; None for any other
-    module, or when an activation was swapped for another (the module then runs as its own modules)."""
-    kind = type(module)
-    if kind is not DilConv and kind is not SepConv:
-        return None
-    mods = tuple(module.op)
+def relu_units(mods: Sequence[nn.Module]) -> tuple[Unit, ...] | None:
+    """(ReLU, depthwise conv, pointwise conv, BatchNorm) repeated, as its units; None when an activation was
+    swapped for another."""
     if any(type(m) is not nn.ReLU for m in mods[::4]):
         return None
     return tuple((mods[i + 1], mods[i + 2], mods[i + 3]) for i in range(0, len(mods), 4))
+
+
+def dil_conv_units(module: nn.Module) -> tuple[Unit, ...] | None:
+    """The fused units of a candidate that has them, in order: a :class:`DilConv` (one), a :class:`SepConv` (two) or
+    a compat layer's own such class (its ``fused_units()``); None for any other module, or when an activation was
+    swapped for another (the module then runs as its own modules)."""
+    fused_units = getattr(type(module), "fused_units", None)
+    return fused_units(module) if fused_units is not None else None
 
 
 def _units_forward(module: nn.Module, x: Tensor) -> Tensor:
@@ -163,6 +175,10 @@ class PoolBN(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         return pool_bn_block(self[0], self[1], x)
+
+    def pool_parts(self) -> tuple[nn.Module, nn.BatchNorm2d]:
+        """(pool, BatchNorm), for the fused edge (a compat layer's pooling class has the same method)."""
+        return self[0], self[1]
 
 
 def pool_bn_kind(pool: nn.Module, bn: nn.BatchNorm2d) -> tuple[str, int] | None:

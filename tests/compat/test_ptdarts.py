@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastdarts
 from fastdarts.compat import ptdarts
 from tests.compat import originals
 from tests.compat.helpers import assert_same_training_pass, assert_state_dict_loads_both_ways
@@ -51,6 +52,19 @@ def test_outputs_and_gradients_match_the_original_in_fp32(train):
     ours.train(train), orig.train(train)
     x, y = batch()
     assert_same_training_pass(ours, orig, lambda: ours.loss(x, y), lambda: orig.loss(x, y))  # alphas included
+
+
+def test_edges_run_the_fused_edge_with_every_candidate_of_ptdarts():
+    if not fastdarts.backend.extension_loaded():
+        pytest.skip("the compiled extension is not built")
+    ours, _ = build()
+    x, _ = batch()
+    with torch.profiler.profile() as prof:
+        ours(x)
+    names = [e.name for e in prof.events()]
+    # pt.darts' PoolBN, SepConv and DilConv enter the edge's node as its kernels (none of them run as modules)
+    assert {"_MixedEdge", "fastdarts_C::dil_conv", "fastdarts_C::pool_bn"} <= set(names)
+    assert "_DilConv" not in names and "_PoolBN" not in names
 
 
 def _sgd_with_momentum(model, x, y, weights):
