@@ -106,12 +106,8 @@ MIXED_SHAPES = [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8), (256, 16, 32
 PARTIAL_SHAPES = [(256, 16, 32, 32, 1, 4), (256, 32, 32, 32, 2, 4), (128, 16, 28, 28, 1, 2)]
 COMPAT = {"darts": 64, "ptdarts": 64, "pcdarts": 256}  # each original's own batch size
 IMPL_BACKEND = {"fastdarts": "auto", "reference": "reference", "reference-compiled": "reference"}
-BASELINES = (
-    "reference",
-    "reference-compiled",
-    "original",
-    "copy",
-)  # every other impl is fastdarts or a variant
+# the impls fastdarts is compared against; every other impl is fastdarts or one of its options
+BASELINES = ("reference", "reference-compiled", "original", "copy")
 
 
 # ---- what is measured ------------------------------------------------------------------------------------------
@@ -121,9 +117,8 @@ def supernet(net: Net, device: torch.device, seed: int = 0):
     """The supernet of ``net`` on ``device`` with a training and a validation batch, from ``seed``."""
     torch.manual_seed(seed)
     pc = net.partial_channels
-    model = SearchNetwork(net.C, net.classes, net.layers, net.space, 3, pc, edge_normalization=pc > 1).to(
-        device
-    )
+    model = SearchNetwork(net.C, net.classes, net.layers, net.space, 3, pc, edge_normalization=pc > 1)
+    model.to(device)
 
     def batch():
         x = torch.randn(net.batch, 3, net.size, net.size, device=device)
