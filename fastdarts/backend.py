@@ -91,6 +91,7 @@ _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _registered: dict[tuple[str, str], bool] = {}
 
 
+@torch.compiler.assume_constant_result  # torch.compile cannot trace the dispatcher query; fixed once loaded
 def _has_kernel(op_name: str, device_type: str) -> bool:
     """Whether fastdarts._C registered a kernel for ``fastdarts_C::<op_name>`` on this device type."""
     key = (op_name, device_type)
@@ -134,27 +135,28 @@ def kernel_live(op_name: str, device: torch.device) -> bool:
     """Whether op ``op_name`` runs its compiled kernel for tensors on ``device``.
 
     True when the backend is "auto", ``fastdarts._C`` registered ``fastdarts_C::<op_name>`` for the device's type
-    (CPU or CUDA) and ``torch.autocast`` is off for it: under autocast the ops run their references, plain ATen
-    calls that autocast casts as it casts any model (the kernels take one dtype).
+    (CPU or CUDA), ``torch.autocast`` is off for it and no ``torch.func`` transform is running: under autocast
+    the ops run their references, plain ATen calls that autocast casts as it casts any model (the kernels take
+    one dtype), and under ``vmap`` / ``grad`` too, ATen ops having the transforms' batching rules (the kernels'
+    autograd Functions have none).
     """
     device = torch.device(device)
-    return (
-        _backend == "auto"
-        and _has_kernel(op_name, device.type)
-        and not torch.is_autocast_enabled(device.type)
-    )
+    return _backend == "auto" and _has_kernel(op_name, device.type) and _plain(device)
+
+
+def _plain(device: torch.device) -> bool:
+    """Neither autocast on ``device`` nor a torch.func transform (vmap, grad) is active (the transform check is
+    skipped while torch.compile traces: dynamo cannot trace it, and runs transforms in its own way)."""
+    if torch.is_autocast_enabled(device.type):
+        return False
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None
 
 
 def triton_live(device: torch.device) -> bool:
     """Whether ops with a Triton kernel run it for tensors on ``device``: the backend is "auto", the device is a
-    GPU, Triton imports and ``torch.autocast`` is off (as :func:`kernel_live`)."""
+    GPU, Triton imports, ``torch.autocast`` is off and no torch.func transform runs (as :func:`kernel_live`)."""
     device = torch.device(device)
-    return (
-        _backend == "auto"
-        and device.type == "cuda"
-        and _triton_status()[0]
-        and not torch.is_autocast_enabled("cuda")
-    )
+    return _backend == "auto" and device.type == "cuda" and _triton_status()[0] and _plain(device)
 
 
 # glibc mallopt parameters and the values tune_cpu_allocator sets: tensors up to 32 MiB (glibc's largest mmap

@@ -45,3 +45,27 @@ def test_triton_runs_only_on_a_gpu_with_the_auto_backend():
     assert not backend.triton_live(torch.device("cpu"))
     backend.set_backend("reference")
     assert not backend.triton_live(torch.device("cuda"))
+
+
+COMPILE_FIRST = """
+import torch
+from fastdarts.ops import pool_bn
+x = torch.randn(2, 3, 6, 6)
+f = torch.compile(lambda x: pool_bn(x, "max", 1), fullgraph=True)
+torch.testing.assert_close(f(x), pool_bn(x, "max", 1))
+"""
+
+
+def test_compile_fullgraph_in_a_fresh_process():
+    # the first kernel_live of a process, inside torch.compile: the dispatcher query is not traceable, and a
+    # fullgraph compile failed until some eager call had cached its answer
+    subprocess.run([sys.executable, "-c", COMPILE_FIRST], check=True, capture_output=True)
+
+
+def test_kernels_off_under_torch_func_transforms():
+    cpu = torch.device("cpu")
+    live = backend.kernel_live("mixed_op", cpu)
+    seen = []
+    torch.func.vmap(lambda x: seen.append(backend.kernel_live("mixed_op", cpu)) or x)(torch.ones(2, 3))
+    assert seen == [False]
+    assert backend.kernel_live("mixed_op", cpu) == live
