@@ -18,10 +18,12 @@ Cases (``--quick`` shrinks every shape to 3 cells, C=8, batch 2):
   CUDA graph, then replayed; CUDA only), ``fastdarts-bf16`` (``--amp bf16``: the forward passes
   under ``torch.autocast`` in bfloat16) and ``fastdarts-channels-last`` (``--channels-last``), ``reference``
   (backend "reference": plain PyTorch, eager) and with ``--compile`` ``reference-compiled`` (the reference
-  supernet under ``torch.compile``).
+  supernet under ``torch.compile``); second order also ``fastdarts-hvp-batched`` (``--hvp fd-batched``: w+ and
+  w- in one vmap pass).
 - ``hvp/cifar-b64``: the finite-difference Hessian-vector product alone: fastdarts' in-place
-  ``Architect.fd_hvp`` against the copy-model approach of the DARTS code bases (a deep copy of the supernet per
-  side) on the reference path.
+  ``Architect.fd_hvp`` (``fastdarts``: one side after the other; ``fastdarts-batched``: both in one vmap pass)
+  against the copy-model approach of the DARTS code bases (a deep copy of the supernet per side) on the
+  reference path.
 - ``op/fd_hvp/...``: fd_hvp's own work on that supernet's weights (w + eps v, w - eps v and back, the gradient
   passes left out), its multi-tensor ops against ``fd_hvp_ref``'s one op per tensor.
 - ``op/mixed_op/...``, ``op/partial_channel/...``: the fused kernels (forward+backward, and the partial channel's
@@ -127,13 +129,15 @@ def supernet(net: Net, device: torch.device, seed: int = 0):
     return model, batch(), batch()
 
 
-def search_step(model: SearchNetwork, order: str, train, val, capturable: bool = False) -> Callable[[], None]:
+def search_step(
+    model: SearchNetwork, order: str, train, val, capturable: bool = False, hvp: str = "fd"
+) -> Callable[[], None]:
     """One search iteration as ``fastdarts search`` runs it: the architecture step, then the weight step (SGD
     with momentum and weight decay, gradients clipped at norm 5). capturable: Adam's state on the GPU, so that
-    the step can be recorded as a CUDA graph."""
+    the step can be recorded as a CUDA graph; hvp: the second order's Hessian-vector product mode."""
     weights = model.weight_parameters()
     optimizer = torch.optim.SGD(weights, LR, momentum=0.9, weight_decay=3e-4, foreach=True)  # as Search's
-    architect = Architect(model, ArchitectConfig(order=order, capturable=capturable))
+    architect = Architect(model, ArchitectConfig(order=order, hvp=hvp, capturable=capturable))
 
     def step():
         architect.step(*train, *val, LR, optimizer)
@@ -152,7 +156,8 @@ def _step_case(net: Net, order: str, impl: str, device):
     if impl == "fastdarts-channels-last":
         model.to(memory_format=torch.channels_last)
         train, val = ((x.contiguous(memory_format=torch.channels_last), y) for x, y in (train, val))
-    step = search_step(model, order, train, val, capturable=impl == "fastdarts-graphs")
+    hvp = "fd-batched" if impl == "fastdarts-hvp-batched" else "fd"
+    step = search_step(model, order, train, val, capturable=impl == "fastdarts-graphs", hvp=hvp)
     if impl == "fastdarts-graphs":  # what --cuda-graphs does: the iteration recorded once, then replayed
         graphed = GraphedStep(lambda: step() or ())
         for _ in range(graphed.warmup + 1):  # the eager warm-up and the recording, before any timing
@@ -190,8 +195,9 @@ def copy_model_fd_hvp(model: SearchNetwork, v, x, y, r: float = 0.01):
 def _hvp_case(net: Net, impl: str, device):
     model, train, _ = supernet(net, device)
     v = [torch.randn_like(p) for p in model.weight_parameters()]
-    if impl == "fastdarts":
-        architect = Architect(model, ArchitectConfig(order="second"))
+    if impl in ("fastdarts", "fastdarts-batched"):
+        hvp = "fd-batched" if impl == "fastdarts-batched" else "fd"
+        architect = Architect(model, ArchitectConfig(order="second", hvp=hvp))
         return lambda: architect.fd_hvp(v, *train)
     return lambda: copy_model_fd_hvp(model, v, *train)
 
@@ -273,11 +279,10 @@ def cases(quick: bool, compile_reference: bool, cuda: bool = False) -> dict[str,
     step_impls = ("fastdarts",) + (("fastdarts-graphs",) if cuda else ())
     step_impls += ("fastdarts-bf16", "fastdarts-channels-last", "reference")
     step_impls += ("reference-compiled",) if compile_reference else ()
-    out = [Case(f"step/{n}/{o}", step_impls, lambda i, d, n=n, o=o: _step_case(nets[n], o, i, d))
-           for n, o in STEPS]  # fmt: skip
-    out.append(
-        Case("hvp/cifar-b64", ("fastdarts", "reference"), lambda i, d: _hvp_case(nets["cifar-b64"], i, d))
-    )
+    out = [Case(f"step/{n}/{o}", step_impls + (("fastdarts-hvp-batched",) if o == "second" else ()),
+                lambda i, d, n=n, o=o: _step_case(nets[n], o, i, d)) for n, o in STEPS]  # fmt: skip
+    hvp_impls = ("fastdarts", "fastdarts-batched", "reference")
+    out.append(Case("hvp/cifar-b64", hvp_impls, lambda i, d: _hvp_case(nets["cifar-b64"], i, d)))
     name = "op/fd_hvp/cifar-b64-weights-moved"
     out.append(Case(name, ("fastdarts", "reference"), lambda i, d: _fd_hvp_case(nets["cifar-b64"], i, d)))
     for shape in MIXED_SHAPES:
@@ -403,10 +408,11 @@ def summary(results: dict) -> list[str]:
     for net in dict.fromkeys(net for net, _ in STEPS):
         first, second = results["cases"].get(f"step/{net}/first"), results["cases"].get(f"step/{net}/second")
         if first and second:
-            for impl in first.keys() & second.keys():
-                ratio = _ratio(second[impl], first[impl])
-                lines.append(f"| step/{net} second/first order ({impl}) | | | {ratio} | "
-                             f"{_memory(second[impl], first[impl])} |")  # fmt: skip
+            for impl in second:  # fastdarts-hvp-batched against fastdarts' first order
+                base = first.get("fastdarts" if impl == "fastdarts-hvp-batched" else impl)
+                if base:
+                    lines.append(f"| step/{net} second/first order ({impl}) | | | {_ratio(second[impl], base)} | "
+                                 f"{_memory(second[impl], base)} |")  # fmt: skip
     if "agreement" in results:
         lines.append(f"\nagreement: {json.dumps(results['agreement'])}")
     return lines

@@ -56,7 +56,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--hvp",
         default=d.hvp,
         choices=list(HVP_MODES),
-        help="second order: finite-difference (fd, as DARTS) or exact Hessian-vector product",
+        help="second order: finite-difference (fd, as DARTS; fd-batched: w+ and w- in one vmap pass) or exact "
+        "Hessian-vector product",
     )
     s.add_argument(
         "--partial-channels",

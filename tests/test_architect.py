@@ -33,7 +33,8 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_finite_difference_converges_to_exact_hvp_on_a_smooth_network():
+@pytest.mark.parametrize("hvp", ["fd", "fd-batched"])
+def test_finite_difference_converges_to_exact_hvp_on_a_smooth_network(hvp):
     model = tiny_network(SMOOTH, torch.float64, smooth=True)
     x, y = batch(dtype=torch.float64)
     torch.manual_seed(3)
@@ -41,7 +42,7 @@ def test_finite_difference_converges_to_exact_hvp_on_a_smooth_network():
     exact = _exact_hvp(model, x, y, v)
     errors = {}
     for r in (1e-2, 1e-3, 1e-4):
-        arch = Architect(model, ArchitectConfig(order="second", fd_r=r))
+        arch = Architect(model, ArchitectConfig(order="second", hvp=hvp, fd_r=r))
         errors[r] = _rel(arch.fd_hvp(v, x, y), exact)
     assert errors[1e-4] < 1e-6, errors
     assert errors[1e-4] < errors[1e-2], errors  # central difference: error shrinks with eps
@@ -70,10 +71,9 @@ def _plain_second_order(model, xt, yt, xv, yv, eta, opt, r=0.01, buggy=False):
     with torch.no_grad():
         for pu, p, gi in zip(unrolled.weight_parameters(), w, g):
             pu.copy_(p - eta * (mu * opt.state[p]["momentum_buffer"] + gi + wd * p))
-    grads = torch.autograd.grad(
-        unrolled.loss(xv, yv), unrolled.arch_parameters() + unrolled.weight_parameters()
-    )
-    d_alpha, v = grads[:2], grads[2:]
+    arch = unrolled.arch_parameters()
+    grads = torch.autograd.grad(unrolled.loss(xv, yv), arch + unrolled.weight_parameters())
+    d_alpha, v = grads[: len(arch)], grads[len(arch) :]
     eps = r / torch.cat([t.flatten() for t in v]).norm()
     plus, minus = copy.deepcopy(model), copy.deepcopy(model)
     with torch.no_grad():
@@ -89,12 +89,18 @@ def _plain_second_order(model, xt, yt, xv, yv, eta, opt, r=0.01, buggy=False):
     return [d - eta * h for d, h in zip(d_alpha, hvp)]
 
 
-def test_second_order_matches_a_plain_implementation_on_the_real_supernet():
-    model = tiny_network(dtype=torch.float64)
+PCDARTS = {"partial_channels": 2, "edge_normalization": True}
+
+
+@pytest.mark.parametrize("variant", [{}, PCDARTS], ids=["darts", "pcdarts"])
+@pytest.mark.parametrize("hvp", ["fd", "fd-batched"])
+def test_second_order_matches_a_plain_implementation_on_the_real_supernet(hvp, variant):
+    model = tiny_network(dtype=torch.float64, **variant)
     xt, yt = batch(dtype=torch.float64, seed=1)
     xv, yv = batch(dtype=torch.float64, seed=2)
     opt = _optimizer_with_momentum(model, xt, yt)
-    ours, _ = Architect(model, ArchitectConfig(order="second")).arch_grads(xt, yt, xv, yv, ETA, opt)
+    arch = Architect(model, ArchitectConfig(order="second", hvp=hvp))
+    ours, _ = arch.arch_grads(xt, yt, xv, yv, ETA, opt)
     plain = _plain_second_order(model, xt, yt, xv, yv, ETA, opt)
     assert _rel(ours, plain) < 1e-10
     buggy = _plain_second_order(model, xt, yt, xv, yv, ETA, opt, buggy=True)
@@ -110,7 +116,7 @@ def test_first_order_is_the_validation_gradient():
     assert loss.item() == pytest.approx(model.loss(xv, yv).item())
 
 
-@pytest.mark.parametrize("hvp", ["fd", "exact"])
+@pytest.mark.parametrize("hvp", ["fd", "fd-batched", "exact"])
 def test_architecture_step_moves_only_alphas_and_keeps_running_stats(hvp):
     model = tiny_network()
     xt, yt = batch(seed=1)

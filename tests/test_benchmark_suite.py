@@ -22,8 +22,8 @@ def test_quick_suite_measures_every_selected_case(tmp_path, capsys):
     steps = {"fastdarts", "fastdarts-bf16", "fastdarts-channels-last", "reference"}
     expected = {
         "step/cifar-b64/first": steps,
-        "step/cifar-b64/second": steps,
-        "hvp/cifar-b64": {"fastdarts", "reference"},
+        "step/cifar-b64/second": steps | {"fastdarts-hvp-batched"},
+        "hvp/cifar-b64": {"fastdarts", "fastdarts-batched", "reference"},
         "op/mixed_op/2x4x4x4/forward+backward": {"fastdarts", "reference"},
         "op/partial_channel/2x8x4x4x2x4/forward": {"fastdarts", "reference", "copy"},
         "compat/darts": {"fastdarts", "original"},
@@ -37,6 +37,7 @@ def test_quick_suite_measures_every_selected_case(tmp_path, capsys):
     assert 0 <= agreement["max_abs_alpha_diff"] < 2 * agreement["steps"] * 3e-4
     table = capsys.readouterr().out
     assert "| step/cifar-b64/first (reference) |" in table and "second/first order (fastdarts)" in table
+    assert "second/first order (fastdarts-hvp-batched)" in table
     assert "| step/cifar-b64/second (fastdarts-bf16 vs reference) |" in table
     svg = tmp_path / "speedups.svg"
     assert run.main(["--report", str(out), "--plot", str(svg)]) == 0

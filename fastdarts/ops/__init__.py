@@ -3,7 +3,7 @@
 
 from fastdarts.ops.depthwise_conv import depthwise_conv, depthwise_conv_ref
 from fastdarts.ops.dil_conv import dil_conv, dil_conv_ref
-from fastdarts.ops.fd_hvp import fd_hvp, fd_hvp_ref
+from fastdarts.ops.fd_hvp import fd_hvp, fd_hvp_batched, fd_hvp_ref
 from fastdarts.ops.mixed_op import mixed_op, mixed_op_ref
 from fastdarts.ops.partial_channel import channel_shuffle, partial_channel, partial_channel_ref
 from fastdarts.ops.pool_bn import pool_bn, pool_bn_ref
@@ -15,6 +15,7 @@ __all__ = [
     "dil_conv",
     "dil_conv_ref",
     "fd_hvp",
+    "fd_hvp_batched",
     "fd_hvp_ref",
     "mixed_op",
     "mixed_op_ref",

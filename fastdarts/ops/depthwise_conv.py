@@ -189,5 +189,19 @@ def _backward_grad(ctx, gg_x: Tensor, gg_weight: Tensor):
     return d_grad, d_x, d_weight, None, None, None, None
 
 
+def _vmap(info, in_dims, x, weight, stride, padding, dilation):
+    """vmap over N: the N depthwise convolutions are one, of N * C channels ([B, N * C, H, W] by [N * C, 1, k, k]);
+    an unbatched x or weight is repeated N times."""
+    n = info.batch_size
+    x_dim, w_dim = in_dims[:2]
+    x = x.movedim(x_dim, 1) if x_dim is not None else x.unsqueeze(1).expand(-1, n, -1, -1, -1)
+    weight = weight.movedim(w_dim, 0) if w_dim is not None else weight.expand(n, *weight.shape)
+    B, _, C, H, W = x.shape
+    out = depthwise_conv(x.reshape(B, n * C, H, W), weight.reshape(n * C, *weight.shape[2:]), stride, padding,
+                         dilation)  # fmt: skip
+    return out.view(B, n, C, *out.shape[2:]), 1
+
+
 depthwise_conv.register_autograd(_grad, setup_context=_setup_context)
+depthwise_conv.register_vmap(_vmap)
 depthwise_conv_backward.register_autograd(_backward_grad, setup_context=_backward_setup_context)

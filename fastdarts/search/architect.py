@@ -24,7 +24,8 @@ the other, and are put back bit-exactly afterwards (from one saved copy of the w
 BatchNorm running statistics that those extra passes move are put back too. Evaluating the same weights through
 ``torch.func.functional_call`` instead cost about 25 ms per pass on a 2-core CPU at the digits shapes (5 cells,
 C=8; 105 ms against 78 ms for a forward), the swapping of its 2,650 named tensors in and out. ``hvp="exact"``
-needs w' as a function of alpha and evaluates it functionally.
+needs w' as a function of alpha and evaluates it functionally, and ``hvp="fd-batched"`` evaluates w+ and w- in one
+functional pass under vmap (fastdarts.ops.fd_hvp_batched; the weights hold w' meanwhile).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from torch.func import functional_call
 
 from fastdarts.errors import UsageError
 from fastdarts.nn import SearchNetwork
-from fastdarts.ops import fd_hvp
+from fastdarts.ops import fd_hvp, fd_hvp_batched
 
 ORDERS = ("first", "second")
-HVP_MODES = ("fd", "exact")
+HVP_MODES = ("fd", "fd-batched", "exact")
 
 
 @dataclass
@@ -51,7 +52,8 @@ class ArchitectConfig:
 
     Attributes:
         order: "first" (grad_alpha L_val at the current w) or "second" (through the unrolled step).
-        hvp: "fd" (finite difference) or "exact" (double backprop); second order only.
+        hvp: "fd" (finite difference, w+ and w- one after the other), "fd-batched" (the same, both in one pass
+            under vmap: fastdarts.ops.fd_hvp_batched) or "exact" (double backprop); second order only.
         lr, betas, weight_decay: Adam on the alphas.
         fd_r: the finite-difference radius, eps = fd_r / ||v||.
         capturable: Adam's ``capturable`` (its state on the GPU), so that the step can be recorded as a CUDA graph.
@@ -270,8 +272,20 @@ class Architect:
             return self._fd_hvp(w, center, v, x, y)
 
     def _fd_hvp(self, w, center, v, x, y) -> list[Tensor]:
-        """fd_hvp around center, the weights w taking center +- eps v in place (fastdarts.ops.fd_hvp)."""
+        """fd_hvp around center, the weights w taking center +- eps v in place (fastdarts.ops.fd_hvp), or with
+        "fd-batched" fd_hvp_batched, w+ and w- evaluated functionally in one pass (w left alone)."""
         alphas = self.model.arch_parameters()
+        if self.config.hvp == "fd-batched":
+            names = self._weights()[0]
+            # No running statistics: under vmap they would be one state for two passes (the sequential passes
+            # move them, and the caller puts them back: the same end state).
+            stats = {n: None for n, _ in self.model.named_buffers()}
+
+            def loss_at(ws):
+                logits = functional_call(self.model, (dict(zip(names, ws)), stats), (x,))
+                return self.model.criterion(logits, y)
+
+            return fd_hvp_batched(loss_at, alphas, w, v, self.config.fd_r, center)
 
         def grad_at():
             with _frozen(w):  # no weight gradients computed along the way

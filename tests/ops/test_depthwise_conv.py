@@ -8,6 +8,7 @@ tensor: each output element is a sum of k*k products, each grad_weight element o
   the same precision, plus a floor of 1e-6 * max|oracle|.
 """
 
+import warnings
 from unittest import mock
 
 import pytest
@@ -245,3 +246,32 @@ def test_planes_without_pixels_have_zero_weight_gradient():
     assert out.shape == (2, 3, 2, 4) and torch.equal(out, torch.zeros_like(out))
     grad_x, grad_weight = torch.autograd.grad(out, (x, weight), torch.randn(2, 3, 2, 4))
     assert grad_x.shape == x.shape and torch.equal(grad_weight, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("in_dims", [(1, 0), (1, None), (None, 0)], ids=["both", "x", "weight"])
+def test_vmap_is_one_convolution_of_stacked_channels(in_dims):
+    # torch.func.vmap runs the op once for all N (its batching rule), not once per item (the fallback warns)
+    gen = torch.Generator().manual_seed(0)
+    N, geometry = 3, (2, 2, 2)  # stride, padding, dilation
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64, generator=gen)
+    weight = torch.randn(4, 1, 3, 3, dtype=torch.float64, generator=gen)
+    x = (
+        x.unsqueeze(1).expand(-1, N, -1, -1, -1) + torch.randn(N, 1, 1, 1, dtype=torch.float64)
+    ).requires_grad_()
+    weight = torch.randn(N, *weight.shape, dtype=torch.float64, generator=gen).requires_grad_()
+    x_in = x if in_dims[0] is not None else x[:, 0]
+    w_in = weight if in_dims[1] is not None else weight[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "There is a performance drop because we have not yet implemented..."
+        out = torch.func.vmap(lambda a, b: depthwise_conv(a, b, *geometry), in_dims)(x_in, w_in)
+    items = [
+        depthwise_conv_ref(x_in[:, i] if in_dims[0] is not None else x_in, w_in[i] if in_dims[1] is not None else w_in,
+                           *geometry) for i in range(N)
+    ]  # fmt: skip
+    ref = torch.stack(items)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (x_in, w_in), grad)
+    expected = torch.autograd.grad(ref, (x_in, w_in), grad)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
