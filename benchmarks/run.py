@@ -15,7 +15,9 @@ Cases (``--quick`` shrinks every shape to 3 cells, C=8, batch 2):
   CIFAR shapes (8 cells, C=16, 32x32) at batch 64 and 256 and on the ImageNet-style supernet (224x224, batch
   128), and PC-DARTS first order (K=4 at CIFAR batch 256, K=2 on ImageNet batch 128, edge normalisation).
   Impls: ``fastdarts`` (backend "auto"), its options ``fastdarts-graphs`` (``--cuda-graphs``: recorded once as a
-  CUDA graph, then replayed; CUDA only), ``fastdarts-bf16`` (``--amp bf16``: the forward passes
+  CUDA graph, then replayed; CUDA only), ``fastdarts-per-edge`` on CUDA and ``fastdarts-batched`` elsewhere
+  (the cells' edges one by one, or batched by the states they read: ``fastdarts.nn.batched``, the default on
+  CUDA), ``fastdarts-bf16`` (``--amp bf16``: the forward passes
   under ``torch.autocast`` in bfloat16) and ``fastdarts-channels-last`` (``--channels-last``), ``reference``
   (backend "reference": plain PyTorch, eager) and with ``--compile`` ``reference-compiled`` (the reference
   supernet under ``torch.compile``); second order also ``fastdarts-hvp-batched`` (``--hvp fd-batched``: w+ and
@@ -153,6 +155,12 @@ def _step_case(net: Net, order: str, impl: str, device):
     model, train, val = supernet(net, device)
     if impl == "reference-compiled":
         model.compile()
+    if impl in (
+        "fastdarts-batched",
+        "fastdarts-per-edge",
+    ):  # the cells' edges batched or not, whatever the device
+        for cell in model.cells:
+            cell.batched_edges = impl == "fastdarts-batched"
     if impl == "fastdarts-channels-last":
         model.to(memory_format=torch.channels_last)
         train, val = ((x.contiguous(memory_format=torch.channels_last), y) for x, y in (train, val))
@@ -279,8 +287,12 @@ def cases(quick: bool, compile_reference: bool, cuda: bool = False) -> dict[str,
     step_impls = ("fastdarts",) + (("fastdarts-graphs",) if cuda else ())
     step_impls += ("fastdarts-bf16", "fastdarts-channels-last", "reference")
     step_impls += ("reference-compiled",) if compile_reference else ()
-    out = [Case(f"step/{n}/{o}", step_impls + (("fastdarts-hvp-batched",) if o == "second" else ()),
-                lambda i, d, n=n, o=o: _step_case(nets[n], o, i, d)) for n, o in STEPS]  # fmt: skip
+    # the other side of batched cells (fastdarts.nn.batched: by default on a GPU)
+    step_impls += ("fastdarts-per-edge",) if cuda else ("fastdarts-batched",)
+    out = []
+    for n, o in STEPS:
+        impls = step_impls + (("fastdarts-hvp-batched",) if o == "second" else ())
+        out.append(Case(f"step/{n}/{o}", impls, lambda i, d, n=n, o=o: _step_case(nets[n], o, i, d)))
     hvp_impls = ("fastdarts", "fastdarts-batched", "reference")
     out.append(Case("hvp/cifar-b64", hvp_impls, lambda i, d: _hvp_case(nets["cifar-b64"], i, d)))
     name = "op/fd_hvp/cifar-b64-weights-moved"

@@ -1,0 +1,381 @@
+"""A search cell's edges computed together: the edges that read the same states as one batch per candidate.
+
+Module by module, a DARTS cell runs each of its 14 edges on its own: ~29 kernels per edge in a forward (a
+separable convolution alone is ReLU, depthwise, pointwise and BatchNorm twice), ~400 per cell, and a GPU at CIFAR
+shapes spends its time launching them. Here the edges out of the cell inputs s0 and s1 (8 of the 14) form one
+group, then the edges out of each intermediate node (3, 2, 1), and within a group each candidate is one call for
+all its edges:
+
+- the group's input repeated once per edge, ``[B, E * C, H, W]`` (one copy), and its ReLU once;
+- a depthwise convolution of E * C channels per convolution candidate and unit, the pointwise convolutions of
+  all of them as one grouped convolution, and one BatchNorm over every channel the group normalises at once (the
+  convolutions' first units, the pools, FactorizedReduce), one more for the separable convolutions' second units;
+- each pool once over the repeated input, FactorizedReduce's two 1x1 convolutions as grouped ones;
+- the weighted sum as one multiply-and-sum per normalised block, and the edges' sums added into their nodes in
+  one add per group.
+
+The weights stay where they are, in each edge's own modules, so state dicts, optimisers and the compat layers see
+no difference: a group gathers every parameter it reads with one concatenation (whose backward only splits the
+gradient), and its BatchNorms' running statistics with one, copied back with one multi-tensor copy. The arithmetic
+is the modules' (a grouped convolution computes each group as its own convolution); summation orders differ.
+
+It runs in training mode on cells whose edges are plain MixedOps (:func:`plan` says which); elsewhere, and for a
+candidate of a kind it does not know (run as its own module, then weighted like the others), edge by edge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastdarts import backend
+from fastdarts.nn.operations import FactorizedReduce, Identity, dil_conv_units, pool_bn_kind
+
+__all__ = ["batched_cell", "batched_cell_applies", "plan"]
+
+
+@dataclass(frozen=True)
+class Group:
+    """The edges out of some states: each source state's edges into the nodes it feeds (all later nodes).
+
+    Attributes:
+        sources: the states read (0, 1: the cell inputs; 2 + i: node i).
+        edges: the edge indices (rows of the alphas), source-major.
+        stride: of every edge of the group.
+    """
+
+    sources: tuple[int, ...]
+    edges: tuple[int, ...]
+    stride: int
+
+
+@dataclass
+class Blocks:
+    """A group's candidates by kind, in column order: ``units`` (column, (dw, pw, bn) units per edge), two-unit
+    (sep_conv) blocks first; ``pools`` (column, (kind, stride), BatchNorms); ``factorized`` (column,
+    FactorizedReduce modules); ``identity`` columns; ``modules`` (column, modules): any other kind, run as is."""
+
+    units: list[tuple] = field(default_factory=list)
+    pools: list[tuple] = field(default_factory=list)
+    factorized: list[tuple] = field(default_factory=list)
+    identity: list[int] = field(default_factory=list)
+    modules: list[tuple] = field(default_factory=list)
+
+    def second(self) -> list[tuple]:
+        return [b for b in self.units if len(b[1][0]) == 2]
+
+    def batch_norms(self, unit: int) -> list[nn.BatchNorm2d]:
+        """The BatchNorms of the group's call ``unit`` (0: first units, pools, FactorizedReduce; 1: second units)
+        in channel order."""
+        if unit == 1:
+            return [u[1][2] for _, units in self.second() for u in units]
+        bns = [u[0][2] for _, units in self.units for u in units]
+        bns += [bn for _, _, bns_ in self.pools for bn in bns_]
+        return bns + [m.bn for _, mods in self.factorized for m in mods]
+
+
+@dataclass
+class Plan:
+    """A cell's groups and their blocks, with what tells whether the cell's modules changed since."""
+
+    groups: list[Group]
+    blocks: list[Blocks]
+    containers: list[dict]  # every module's dict of submodules
+    signature: tuple
+    partial: int = 1  # PC-DARTS' K: the candidates see 1 / K of the channels
+    index: dict = field(default_factory=dict)  # device -> the positions of the weights (see _index)
+
+
+def _groups(steps: int, reduction: bool) -> list[Group]:
+    offsets = [sum(2 + t for t in range(i)) for i in range(steps)]
+    out = []
+    for sources in [(0, 1)] + [(j,) for j in range(2, steps + 1)]:
+        first = max(0, sources[0] - 1)
+        edges = tuple(offsets[i] + j for j in sources for i in range(first, steps))
+        out.append(Group(sources, edges, 2 if reduction and sources[0] < 2 else 1))
+    return out
+
+
+def _bn_ok(bn: nn.Module) -> bool:
+    return (
+        type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats and bn.momentum is not None
+        and bn.running_mean is not None and bn.num_batches_tracked is not None
+    )  # fmt: skip
+
+
+def _same(values) -> bool:
+    return len(set(values)) <= 1
+
+
+def _conv_ok(dw: nn.Conv2d, pw: nn.Conv2d) -> bool:
+    return pw.kernel_size == (1, 1) and pw.stride == (1, 1) and pw.groups == 1 and pw.bias is None and (
+        dw.bias is None and dw.groups == dw.in_channels == dw.out_channels
+    )  # fmt: skip
+
+
+def _add(blocks: Blocks, column: int, mods: Sequence[nn.Module]) -> None:
+    """Files the candidate column ``column`` of a group (its module on each edge) under its kind."""
+    if all(type(m) is Identity for m in mods):
+        blocks.identity.append(column)
+        return
+    units = [dil_conv_units(m) for m in mods]
+    if all(u is not None for u in units):
+        shape = {tuple((dw.kernel_size, dw.stride, dw.padding, dw.dilation, bn.affine) for dw, _, bn in u)
+                 for u in units}  # fmt: skip
+        ok = all(_conv_ok(dw, pw) and _bn_ok(bn) for u in units for dw, pw, bn in u)
+        if ok and len(shape) == 1 and len(units[0]) in (1, 2):
+            blocks.units.append((column, units))
+            return
+    pool_parts = [getattr(type(m), "pool_parts", None) for m in mods]
+    if all(p is not None for p in pool_parts):
+        parts = [p(m) for p, m in zip(pool_parts, mods)]
+        kinds = {pool_bn_kind(*p) for p in parts}
+        if len(kinds) == 1 and None not in kinds and all(_bn_ok(bn) for _, bn in parts):
+            blocks.pools.append((column, kinds.pop(), [bn for _, bn in parts]))
+            return
+    if all(type(m) is FactorizedReduce and m._as_built() and _bn_ok(m.bn) for m in mods):
+        blocks.factorized.append((column, list(mods)))
+        return
+    blocks.modules.append((column, list(mods)))
+
+
+def plan(cell: nn.Module) -> Plan | None:
+    """The batched plan of a :class:`~fastdarts.nn.cell.Cell` (kept while its modules stay the same ones; their
+    BatchNorms are taken to train and evaluate with the cell), or
+    None when it cannot run batched: an edge with another forward than MixedOp's (PC-DARTS' partial channels), or
+    BatchNorms of different settings in one call."""
+    from fastdarts.nn.cell import MixedOp, PartialMixedOp  # (cell imports this module)
+
+    cached = getattr(cell, "_batched_plan", None)
+    if cached is not None and _signature(cached.containers) == cached.signature:
+        return cached
+    containers = [m._modules for m in cell.modules() if m._modules]
+    edges = list(cell._ops)
+    plain = all(isinstance(e, MixedOp) and type(e).forward is MixedOp.forward for e in edges)
+    partial = all(isinstance(e, PartialMixedOp) and type(e).forward is PartialMixedOp.forward for e in edges)
+    if not (plain or partial) or not _same(tuple(e._live) for e in edges):
+        return None
+    if partial and not _same(e.groups for e in edges):
+        return None
+    groups = _groups(cell._steps, cell.reduction)
+    all_blocks = []
+    for g in groups:
+        blocks = Blocks()
+        for k in edges[0]._live:
+            _add(blocks, k, [edges[i]._ops[k] for i in g.edges])
+        blocks.units.sort(key=lambda b: -len(b[1][0]))  # stable: sep_conv blocks first, columns in order
+        for unit in (0, 1):
+            if not _same((bn.momentum, bn.eps, bn.affine) for bn in blocks.batch_norms(unit)):
+                return None
+        all_blocks.append(blocks)
+    K = edges[0].groups if partial else 1
+    cell._batched_plan = Plan(groups, all_blocks, containers, _signature(containers), K)
+    return cell._batched_plan
+
+
+def _signature(containers: list[dict]) -> tuple:
+    """The identities of every submodule, read from the module dicts that hold them: a module swapped anywhere in
+    the cell changes it (~40 us for a DARTS cell, where walking ``cell.modules()`` takes ~550 us)."""
+    return tuple(id(m) for d in containers for m in d.values())
+
+
+def batched_cell_applies(cell: nn.Module, x: Tensor) -> bool:
+    """Whether :func:`batched_cell` runs: ``cell.batched_edges`` is True, or None (auto) with x on a GPU and the
+    "auto" backend; the cell is training; torch.compile is not tracing; and the cell has a plan."""
+    mode = getattr(cell, "batched_edges", None)
+    if mode is None:
+        mode = x.device.type == "cuda" and backend.get_backend() == "auto"
+    return bool(mode) and cell.training and not torch.compiler.is_compiling() and plan(cell) is not None
+
+
+def _gather(chunks: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """Each chunk's tensors concatenated along dim 0, all chunks from one concatenation of everything (one copy;
+    the backward hands each tensor its slice of the gradient)."""
+    flat = torch.cat([t.reshape(-1) for chunk in chunks for t in chunk])
+    sizes = [sum(t.numel() for t in chunk) for chunk in chunks]
+    return [piece.view(-1, *chunk[0].shape[1:]) for piece, chunk in zip(flat.split(sizes), chunks)]
+
+
+def _batch_norm(z: Tensor, bns: Sequence[nn.BatchNorm2d], affine: Sequence[Tensor], counters: list) -> Tensor:
+    """BatchNorm of z [B, N, H, W] with batch statistics, channel blocks by their own BatchNorms ``bns``: the
+    running statistics gathered into one tensor, updated there and copied back with one multi-tensor copy (none
+    where they are None, as inside ``torch.func.functional_call`` with the statistics left out). affine: the
+    gathered (weight, bias), or empty."""
+    weight, bias = affine if affine else (None, None)
+    if bns[0].running_mean is None:
+        return F.batch_norm(z, None, None, weight, bias, True, bns[0].momentum, bns[0].eps)
+    stats = [b.running_mean for b in bns] + [b.running_var for b in bns]
+    both = torch.cat(stats)
+    mean, var = both.split(both.numel() // 2)
+    y = F.batch_norm(z, mean, var, weight, bias, True, bns[0].momentum, bns[0].eps)
+    with torch.no_grad():
+        torch._foreach_copy_(stats, list(both.split([s.numel() for s in stats])))
+    counters.extend(b.num_batches_tracked for b in bns if b.num_batches_tracked is not None)
+    return y
+
+
+def _avg_pool(x: Tensor, stride: int) -> Tensor:
+    return F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)
+
+
+def _max_pool(x: Tensor, stride: int) -> Tensor:
+    return F.max_pool2d(x, 3, stride, 1)
+
+
+def _convs(h: Tensor, convs: list[tuple], unit: int, EC: int, params) -> Tensor:
+    """Unit ``unit`` of the convolution blocks ``convs`` up to its BatchNorm: each block's depthwise convolution
+    (of all of h in unit 0; of its own EC channels of h in unit 1), then every pointwise convolution as one
+    grouped convolution: [B, len(convs) * EC, Ho, Wo]."""
+    depthwise = []
+    for i, (_, units) in enumerate(convs):
+        dw = units[0][unit][0]
+        inp = h if unit == 0 else h[:, i * EC : (i + 1) * EC]
+        depthwise.append(F.conv2d(inp, next(params), None, dw.stride, dw.padding, dw.dilation, EC))
+    d = depthwise[0] if len(depthwise) == 1 else torch.cat(depthwise, 1)
+    E = len(convs[0][1])
+    return F.conv2d(d, next(params), None, 1, 0, 1, len(convs) * E)
+
+
+def _conv_chunks(convs: list[tuple], unit: int) -> list[list[Tensor]]:
+    """The parameters of unit ``unit`` of the blocks ``convs`` as :func:`_convs` reads them."""
+    chunks = [[u[unit][0].weight for u in units] for _, units in convs]
+    return chunks + [[u[unit][1].weight for _, units in convs for u in units]]
+
+
+def _affine_chunks(bns: list[nn.BatchNorm2d]) -> list[list[Tensor]]:
+    return [[b.weight for b in bns], [b.bias for b in bns]] if bns and bns[0].affine else []
+
+
+def _group(x: Tensor, E: int, stride: int, blocks: Blocks, counters: list) -> list[Tensor]:
+    """The normalised candidates of a group on its input repeated per edge, x [B, E * C, H, W]: the outputs of
+    its BatchNorm calls, [B, n * E * C, Ho, Wo] each, their blocks in the order of :func:`_columns`."""
+    B, EC = x.shape[:2]
+    C = EC // E
+    second = blocks.second()
+    bn0, bn1 = blocks.batch_norms(0), blocks.batch_norms(1)
+    chunks = _conv_chunks(blocks.units, 0) if blocks.units else []
+    for _, mods in blocks.factorized:
+        chunks += [[m.conv_1.weight for m in mods], [m.conv_2.weight for m in mods]]
+    chunks += _affine_chunks(bn0)
+    chunks += (_conv_chunks(second, 1) if second else []) + _affine_chunks(bn1)
+    params = iter(_gather(chunks) if chunks else ())
+
+    r = torch.relu(x) if blocks.units or blocks.factorized else None
+    normalised = [_convs(r, blocks.units, 0, EC, params)] if blocks.units else []
+    for _, (kind, _), _ in blocks.pools:
+        normalised.append((_max_pool if kind == "max" else _avg_pool)(x, stride))
+    for _ in blocks.factorized:
+        c1 = F.conv2d(r, next(params), None, 2, 0, 1, E)
+        c2 = F.conv2d(r[:, :, 1:, 1:], next(params), None, 2, 0, 1, E)
+        Ho, Wo = c1.shape[2:]
+        halves = torch.stack([c1.view(B, E, C // 2, Ho, Wo), c2.view(B, E, C // 2, Ho, Wo)], 2)
+        normalised.append(halves.view(B, EC, Ho, Wo))
+    if not normalised:
+        return []
+    z = normalised[0] if len(normalised) == 1 else torch.cat(normalised, 1)
+    z = _batch_norm(z, bn0, (next(params), next(params)) if bn0[0].affine else (), counters)
+    if not second:
+        return [z]
+    # the separable convolutions' second units, on their first units' normalised outputs
+    p = _convs(torch.relu(z[:, : len(second) * EC]), second, 1, EC, params)
+    return [z, _batch_norm(p, bn1, (next(params), next(params)) if bn1[0].affine else (), counters)]
+
+
+def _columns(blocks: Blocks) -> list[list]:
+    """The alpha columns of the parts that :func:`batched_cell` weights, in its order: the first BatchNorm call's
+    blocks (None for the separable convolutions' first units), the second call's, the identity, each module."""
+    first = [None if len(units[0]) == 2 else k for k, units in blocks.units]
+    first += [k for k, _, _ in blocks.pools] + [k for k, _ in blocks.factorized]
+    parts = [first] if first else []
+    parts += [[k for k, _ in blocks.second()]] if blocks.second() else []
+    parts += [blocks.identity] if blocks.identity else []
+    return parts + [[k] for k, _ in blocks.modules]
+
+
+def _index(p: Plan, K: int, device: torch.device) -> Tensor:
+    """The positions in the flattened [num_edges, K + 2] weights (column K: zero, K + 1: the edge weight) of every
+    weight that :func:`batched_cell` multiplies, group by group and part by part ([n, E] each, flattened): one
+    gather per cell call. Made once per device."""
+    if device not in p.index:
+        at = {None: K, "edge": K + 1}
+        rows = [e * (K + 2) + at.get(c, c)
+                for group, blocks in zip(p.groups, p.blocks) for columns in _parts(p, blocks)
+                for c in columns for e in group.edges]  # fmt: skip
+        p.index[device] = torch.tensor(rows, device=device)
+    return p.index[device]
+
+
+def _parts(p: Plan, blocks: Blocks) -> list[list]:
+    """The columns of a group's weighted parts (:func:`_columns`), then for partial channels the edge weights."""
+    return _columns(blocks) + ([["edge"]] if p.partial > 1 else [])
+
+
+def _repeat(xs: Sequence[Tensor], per: int) -> Tensor:
+    """[B, C, H, W] states -> [B, len(xs) * per * C, H, W]: each state once per edge that reads it."""
+    B, C, H, W = xs[0].shape
+    return torch.cat([s.unsqueeze(1).expand(B, per, C, H, W) for s in xs], 1).reshape(
+        B, len(xs) * per * C, H, W
+    )
+
+
+def batched_cell(
+    cell: nn.Module, s0: Tensor, s1: Tensor, weights: Tensor, edge_weights: Tensor | None = None
+) -> Tensor:
+    """The forward of a :class:`~fastdarts.nn.cell.Cell` (same arguments, same result) with its edges batched by
+    the states they read; the cell must have a :func:`plan`.
+
+    With partial channels (PC-DARTS' K) each group's candidates run on the first C / K channels of its states, and
+    the group's mixed outputs join the rest of the channels (2x2 max-pooled at stride 2) and are shuffled as
+    :func:`fastdarts.ops.partial_channel` does, for all its edges at once; the edge weights multiply after that.
+    """
+    p = plan(cell)
+    states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+    K = weights.shape[1]
+    w = weights
+    if edge_weights is not None and p.partial == 1:  # the edge weight of every candidate's weight
+        w = weights * edge_weights[:, None]
+    last = edge_weights[:, None] if edge_weights is not None and p.partial > 1 else w.new_ones(w.shape[0], 1)
+    flat = torch.cat([w, w.new_zeros(w.shape[0], 1), last], 1).view(-1)
+    gathered = iter(flat[_index(p, K, w.device)].split(
+        [len(c) * len(g.edges) for g, b in zip(p.groups, p.blocks) for c in _parts(p, b)]
+    ))  # fmt: skip
+    counters: list[Tensor] = []
+    pending = None  # the sums of the nodes not yet complete, [B, n, C, H, W]
+    for group, blocks in zip(p.groups, p.blocks):
+        E, sources = len(group.edges), group.sources
+        per = E // len(sources)
+        xs = [states[j] for j in sources]
+        B, C = xs[0].shape[:2]
+        c = C // p.partial
+        if p.partial > 1:
+            xs = [s[:, :c] for s in xs]
+        x = _repeat(xs, per)
+        parts = _group(x, E, group.stride, blocks, counters)
+        if blocks.identity:
+            parts.append(x)
+        for _, mods in blocks.modules:  # candidates of other kinds, each on its own edge
+            parts.append(torch.cat([m(xs[e // per]) for e, m in enumerate(mods)], 1))
+        out = None
+        for t, columns in zip(parts, _columns(blocks)):
+            n = len(columns)
+            term = (t.reshape(B, n, E, -1) * next(gathered).view(1, n, E, 1)).sum(1)
+            out = term if out is None else out + term
+        Ho, Wo = parts[0].shape[2:]
+        if p.partial > 1:  # the bypassed channels, then the shuffle, then the edge weights
+            rest = _repeat([states[j][:, c:] for j in sources], per)
+            if group.stride == 2:
+                rest = F.max_pool2d(rest, 2, 2)
+            joined = torch.cat([out.view(B, E, c, Ho, Wo), rest.reshape(B, E, C - c, Ho, Wo)], 2)
+            shuffled = joined.view(B, E, p.partial, c, Ho, Wo).transpose(2, 3).reshape(B, E, C * Ho * Wo)
+            out = shuffled * next(gathered).view(1, E, 1)
+        out = out.view(B, len(sources), per, C, Ho, Wo)
+        contribution = out[:, 0] if len(sources) == 1 else out.sum(1)
+        pending = contribution if pending is None else pending[:, 1:] + contribution
+        states.append(pending[:, 0])
+    if counters:
+        torch._foreach_add_(counters, 1)
+    return torch.cat(states[-cell._multiplier :], dim=1)

@@ -1,0 +1,211 @@
+"""fastdarts.nn.batched: a cell with its edges batched by the states they read equals the cell run edge by edge
+(output, every gradient, running statistics; DARTS and PC-DARTS edges), in a fraction of the ATen calls.
+
+Tolerances: float64 1e-10 relative (summation orders differ); float32 1e-4 relative to each gradient's largest
+entry; bf16 autocast: the loss within 1% and the alpha gradients at cosine > 0.99 of the edge-by-edge path's under
+the same autocast.
+"""
+
+import copy
+from collections import Counter
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastdarts.nn import batched
+from fastdarts.search import Architect, ArchitectConfig
+from tests.conftest import DEVICES
+from tests.helpers import batch, tiny_network
+
+PCDARTS_NORM = {"edge_normalization": True}  # DARTS edges with PC-DARTS' edge weights
+PCDARTS = {"partial_channels": 2, "edge_normalization": True}
+
+
+def _pair(dtype=torch.float64, device="cpu", **variant):
+    """The same supernet twice: edge by edge, and batched."""
+    model = tiny_network(dtype=dtype, **variant).to(device)
+    other = copy.deepcopy(model)
+    for cell in model.cells:
+        cell.batched_edges = False
+    for cell in other.cells:
+        cell.batched_edges = True
+    return model, other
+
+
+def _run(model, x, y):
+    loss = model.loss(x, y)
+    names, params = zip(*model.named_parameters())
+    return loss.detach(), dict(zip(names, torch.autograd.grad(loss, params)))
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "variant",
+    [{}, PCDARTS_NORM, {"layers": 4}, {"affine": True}, PCDARTS, {"partial_channels": 4, "C": 8}],
+    ids=["darts", "edge-norm", "4-cells", "affine", "pcdarts", "partial-no-edge-norm"],
+)
+def test_equals_the_cell_run_edge_by_edge(variant, dtype, device):
+    affine = variant.pop("affine", False)
+    model, other = _pair(dtype, device, **variant)
+    if affine:  # BatchNorm affine in every candidate (RF-DARTS' setting), not at their initial 1 and 0
+        for net in (model, other):
+            for i, bn in enumerate(m for m in net.cells.modules() if isinstance(m, nn.BatchNorm2d)):
+                bn.affine = True
+                g = torch.Generator().manual_seed(i)
+                bn.weight = nn.Parameter(
+                    torch.rand(bn.num_features, generator=g, dtype=dtype).to(device) + 0.5
+                )
+                bn.bias = nn.Parameter(torch.randn(bn.num_features, generator=g, dtype=dtype).to(device))
+    x, y = batch(dtype=dtype)
+    x, y = x.to(device), y.to(device)
+    loss, grads = _run(model, x, y)
+    loss_b, grads_b = _run(other, x, y)
+    assert all(cell._batched_plan is not None for cell in other.cells)
+    assert not any(hasattr(cell, "_batched_plan") for cell in model.cells)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert _rel(loss_b, loss) < tol
+    worst = max((_rel(grads_b[n], g), n) for n, g in grads.items() if g.abs().max() > 0)
+    assert worst[0] < tol, worst
+    state, state_b = model.state_dict(), other.state_dict()
+    for name, t in state.items():  # running statistics moved alike, num_batches_tracked advanced once
+        if t.is_floating_point():
+            torch.testing.assert_close(state_b[name], t, rtol=tol, atol=tol)
+        else:
+            assert torch.equal(state_b[name], t), name
+
+
+def test_a_candidate_of_another_kind_runs_as_itself_inside_the_batch():
+    model, other = _pair()
+    for net in (
+        model,
+        other,
+    ):  # one edge's sep_conv gets another activation: its column runs module by module
+        net.cells[0]._ops[3]._ops[4].op[0] = nn.Softplus()
+    x, y = batch(dtype=torch.float64)
+    loss, grads = _run(model, x, y)
+    loss_b, grads_b = _run(other, x, y)
+    assert _rel(loss_b, loss) < 1e-10
+    assert max(_rel(grads_b[n], g) for n, g in grads.items() if g.abs().max() > 0) < 1e-10
+    blocks = other.cells[0]._batched_plan.blocks[0]  # the group of s0 and s1 holds edge 3
+    assert [k for k, _ in blocks.modules] == [4]
+
+
+def test_the_plan_follows_replaced_modules():
+    _, other = _pair()
+    x, y = batch(dtype=torch.float64)
+    other.loss(x, y)
+    first = other.cells[0]._batched_plan
+    other.loss(x, y)
+    assert other.cells[0]._batched_plan is first  # kept while the modules are the same
+    other.cells[0]._ops[0]._ops[7] = copy.deepcopy(other.cells[0]._ops[0]._ops[7])
+    other.loss(x, y)
+    second = other.cells[0]._batched_plan
+    assert second is not first
+    other.cells[0]._ops[3]._ops[4].op[0] = nn.Softplus()  # deep inside a candidate
+    other.loss(x, y)
+    assert other.cells[0]._batched_plan is not second
+    assert [k for k, _ in other.cells[0]._batched_plan.blocks[0].modules] == [4]
+
+
+def test_runs_edge_by_edge_where_it_does_not_apply():
+    _, other = _pair()
+    x, _ = batch(dtype=torch.float64)
+    other.eval()  # running statistics: edge by edge
+    assert not batched.batched_cell_applies(other.cells[0], x)
+    mixed = tiny_network(
+        dtype=torch.float64, partial_channels=2
+    )  # partial-channel and plain edges in one cell
+    mixed.cells[0]._ops[0] = other.cells[0]._ops[0]
+    assert batched.plan(mixed.cells[0]) is None
+    other.train()
+    other.cells[0].batched_edges = None  # auto: on a GPU only
+    assert batched.batched_cell_applies(other.cells[0], x.cuda() if torch.cuda.is_available() else x) == (
+        torch.cuda.is_available()
+    )
+
+
+class _Count(TorchDispatchMode):
+    """Counts the ATen calls that compute something (views and metadata left out)."""
+
+    VIEWS: ClassVar = {"view", "_unsafe_view", "expand", "t", "slice", "select", "unsqueeze", "squeeze", "split",
+             "split_with_sizes", "as_strided", "detach", "alias", "permute", "transpose", "reshape", "unbind",
+             "_reshape_alias", "empty", "empty_like", "new_empty", "new_empty_strided", "empty_strided",
+             "promote_types"}  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.VIEWS:
+            self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _calls(model, x, y) -> tuple[int, int]:
+    model.loss(x, y).backward()  # warm
+    model.zero_grad(set_to_none=True)  # (as the search steps do: gradients handed over, not added)
+    with _Count() as forward:
+        loss = model.loss(x, y)
+    with _Count() as backward:
+        loss.backward()
+    return sum(forward.calls.values()), sum(backward.calls.values())
+
+
+@pytest.mark.parametrize("variant", [{}, PCDARTS], ids=["darts", "pcdarts"])
+def test_a_fraction_of_the_aten_calls(variant):
+    # the launches a GPU would see: a 4-cell supernet, each call counted (the same count at any batch)
+    from fastdarts import set_backend
+
+    set_backend("reference")  # edge by edge on plain ATen calls, as on a GPU
+    model, other = _pair(torch.float32, layers=4, **variant)
+    x, y = batch()
+    forward, backward = _calls(model, x, y)
+    forward_b, backward_b = _calls(other, x, y)
+    assert forward_b < forward / 3 and backward_b < backward / 2, (forward, forward_b, backward, backward_b)
+
+
+@pytest.mark.parametrize("hvp", ["fd", "fd-batched", "exact"])
+def test_second_order_through_batched_cells(hvp):
+    # the finite difference in place, under vmap (no running statistics), and the double backward
+    model, other = _pair()
+    xt, yt = batch(dtype=torch.float64, seed=1)
+    xv, yv = batch(dtype=torch.float64, seed=2)
+    grads = [
+        Architect(net, ArchitectConfig(order="second", hvp=hvp)).arch_grads(xt, yt, xv, yv, 0.1)[0]
+        for net in (model, other)
+    ]
+    assert max(_rel(b, a) for a, b in zip(*grads)) < 1e-8
+
+
+def test_bf16_autocast_within_tolerance():
+    model, other = _pair(torch.float32)
+    x, y = batch()
+    out = []
+    for net in (model, other):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = net.loss(x, y)
+        out.append((loss.float(), torch.autograd.grad(loss, net.arch_parameters())))
+    (loss, grads), (loss_b, grads_b) = out
+    assert abs(loss_b.item() - loss.item()) < 0.01 * abs(loss.item())
+    for g, gb in zip(grads, grads_b):
+        assert F.cosine_similarity(g.flatten().float(), gb.flatten().float(), dim=0) > 0.99
+
+
+def test_channels_last_equals_contiguous():
+    model, other = _pair()
+    other.to(memory_format=torch.channels_last)
+    x, y = batch(dtype=torch.float64)
+    loss, grads = _run(model, x, y)
+    loss_b, grads_b = _run(other, x.contiguous(memory_format=torch.channels_last), y)
+    assert _rel(loss_b, loss) < 1e-10
+    assert max(_rel(grads_b[n], g) for n, g in grads.items() if g.abs().max() > 0) < 1e-10
