@@ -17,7 +17,8 @@ Cases (``--quick`` shrinks every shape to 3 cells, C=8, batch 2):
   Impls: ``fastdarts`` (backend "auto"), its options ``fastdarts-graphs`` (``--cuda-graphs``: recorded once as a
   CUDA graph, then replayed; CUDA only), ``fastdarts-per-edge`` on CUDA and ``fastdarts-batched`` elsewhere
   (the cells' edges one by one, or batched by the states they read: ``fastdarts.nn.batched``, the default on
-  CUDA), ``fastdarts-bf16`` (``--amp bf16``: the forward passes
+  CUDA), ``fastdarts-recompute`` (``--recompute-edges``: batched, each group recomputed in the backward),
+  ``fastdarts-bf16`` (``--amp bf16``: the forward passes
   under ``torch.autocast`` in bfloat16) and ``fastdarts-channels-last`` (``--channels-last``), ``reference``
   (backend "reference": plain PyTorch, eager) and with ``--compile`` ``reference-compiled`` (the reference
   supernet under ``torch.compile``); second order also ``fastdarts-hvp-batched`` (``--hvp fd-batched``: w+ and
@@ -155,12 +156,11 @@ def _step_case(net: Net, order: str, impl: str, device):
     model, train, val = supernet(net, device)
     if impl == "reference-compiled":
         model.compile()
-    if impl in (
-        "fastdarts-batched",
-        "fastdarts-per-edge",
-    ):  # the cells' edges batched or not, whatever the device
+    edges = {"fastdarts-batched": (True, False), "fastdarts-per-edge": (False, False),
+             "fastdarts-recompute": (True, True)}  # fmt: skip
+    if impl in edges:  # the cells' edges batched or not, and recomputed, whatever the device
         for cell in model.cells:
-            cell.batched_edges = impl == "fastdarts-batched"
+            cell.batched_edges, cell.recompute_edges = edges[impl]
     if impl == "fastdarts-channels-last":
         model.to(memory_format=torch.channels_last)
         train, val = ((x.contiguous(memory_format=torch.channels_last), y) for x, y in (train, val))
@@ -288,7 +288,7 @@ def cases(quick: bool, compile_reference: bool, cuda: bool = False) -> dict[str,
     step_impls += ("fastdarts-bf16", "fastdarts-channels-last", "reference")
     step_impls += ("reference-compiled",) if compile_reference else ()
     # the other side of batched cells (fastdarts.nn.batched: by default on a GPU)
-    step_impls += ("fastdarts-per-edge",) if cuda else ("fastdarts-batched",)
+    step_impls += (("fastdarts-per-edge",) if cuda else ("fastdarts-batched",)) + ("fastdarts-recompute",)
     out = []
     for n, o in STEPS:
         impls = step_impls + (("fastdarts-hvp-batched",) if o == "second" else ())

@@ -120,6 +120,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--channels-last", action="store_true", help="model and inputs in channels-last memory format"
     )
     s.add_argument(
+        "--recompute-edges",
+        action="store_true",
+        help="batched cells that keep only each group's input for the backward (far less memory, one more forward)",
+    )
+    s.add_argument(
         "--cuda-graphs",
         action="store_true",
         help="CUDA: record each epoch's search iteration as a CUDA graph",

@@ -50,12 +50,17 @@ def _rel(a, b):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize(
     "variant",
-    [{}, PCDARTS_NORM, {"layers": 4}, {"affine": True}, PCDARTS, {"partial_channels": 4, "C": 8}],
-    ids=["darts", "edge-norm", "4-cells", "affine", "pcdarts", "partial-no-edge-norm"],
-)
+    [{}, PCDARTS_NORM, {"layers": 4}, {"affine": True}, PCDARTS, {"partial_channels": 4, "C": 8},
+     {"recompute": True}, {"recompute": True, **PCDARTS}],
+    ids=["darts", "edge-norm", "4-cells", "affine", "pcdarts", "partial-no-edge-norm", "recompute",
+         "pcdarts-recompute"],
+)  # fmt: skip
 def test_equals_the_cell_run_edge_by_edge(variant, dtype, device):
-    affine = variant.pop("affine", False)
+    variant = dict(variant)
+    affine, recompute = variant.pop("affine", False), variant.pop("recompute", False)
     model, other = _pair(dtype, device, **variant)
+    for cell in other.cells:
+        cell.recompute_edges = recompute
     if affine:  # BatchNorm affine in every candidate (RF-DARTS' setting), not at their initial 1 and 0
         for net in (model, other):
             for i, bn in enumerate(m for m in net.cells.modules() if isinstance(m, nn.BatchNorm2d)):
@@ -174,10 +179,13 @@ def test_a_fraction_of_the_aten_calls(variant):
     assert forward_b < forward / 3 and backward_b < backward / 2, (forward, forward_b, backward, backward_b)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("hvp", ["fd", "fd-batched", "exact"])
-def test_second_order_through_batched_cells(hvp):
+def test_second_order_through_batched_cells(hvp, recompute):
     # the finite difference in place, under vmap (no running statistics), and the double backward
     model, other = _pair()
+    for cell in other.cells:
+        cell.recompute_edges = recompute
     xt, yt = batch(dtype=torch.float64, seed=1)
     xv, yv = batch(dtype=torch.float64, seed=2)
     grads = [
@@ -209,3 +217,34 @@ def test_channels_last_equals_contiguous():
     loss_b, grads_b = _run(other, x.contiguous(memory_format=torch.channels_last), y)
     assert _rel(loss_b, loss) < 1e-10
     assert max(_rel(grads_b[n], g) for n, g in grads.items() if g.abs().max() > 0) < 1e-10
+
+
+def _saved_mib(model, x, y) -> float:
+    """The memory of the tensors a forward keeps for its backward (each storage once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.loss(x, y)
+    return sum(storages.values()) / 2**20
+
+
+def test_recompute_keeps_a_fraction_of_the_activations():
+    from fastdarts import set_backend
+
+    set_backend("reference")
+    model, other = _pair(torch.float32, layers=4)
+    x, y = batch(n=16, size=16)
+    batched_mib = _saved_mib(other, x, y)
+    for cell in other.cells:
+        cell.recompute_edges = True
+    recompute_mib = _saved_mib(other, x, y)
+    edge_mib = _saved_mib(model, x, y)
+    assert recompute_mib < batched_mib / 3 and recompute_mib < edge_mib / 3, (
+        edge_mib,
+        batched_mib,
+        recompute_mib,
+    )

@@ -21,8 +21,9 @@ def test_quick_suite_measures_every_selected_case(tmp_path, capsys):
     assert env["torch"] == torch.__version__ and env["device_type"] == "cpu" and env["git"]
     steps = {"fastdarts", "fastdarts-bf16", "fastdarts-channels-last", "reference"}
     expected = {
-        "step/cifar-b64/first": steps | {"fastdarts-batched"},
-        "step/cifar-b64/second": steps | {"fastdarts-batched", "fastdarts-hvp-batched"},
+        "step/cifar-b64/first": steps | {"fastdarts-batched", "fastdarts-recompute"},
+        "step/cifar-b64/second": steps
+        | {"fastdarts-batched", "fastdarts-recompute", "fastdarts-hvp-batched"},
         "hvp/cifar-b64": {"fastdarts", "fastdarts-batched", "reference"},
         "op/mixed_op/2x4x4x4/forward+backward": {"fastdarts", "reference"},
         "op/partial_channel/2x8x4x4x2x4/forward": {"fastdarts", "reference", "copy"},

@@ -1,5 +1,5 @@
 """The supernet under torch.autocast (bfloat16) and in the channels-last memory format: the search options --amp bf16
-and --channels-last.
+and --channels-last (and --recompute-edges, end to end).
 
 Under autocast every op runs its reference, plain ATen calls that autocast casts (the compiled kernels take one
 dtype), so a DARTS code base that trains under autocast keeps working. Tolerances, on the 3-cell test supernet:
@@ -85,8 +85,10 @@ def test_search_options_run_end_to_end():
     base = run_search(SearchConfig(**tiny))
     channels_last = run_search(SearchConfig(**tiny, channels_last=True))
     amp = run_search(SearchConfig(**tiny, amp="bf16"))
+    recompute = run_search(SearchConfig(**tiny, recompute_edges=True))  # batched cells, recomputed backward
     for name, a in base.arch_history().items():
         # fp32 searches drift apart at ~1e-4 whenever the rounding differs (Adam's first steps are sign-like)
         torch.testing.assert_close(channels_last.arch_history()[name], a, rtol=0, atol=1e-3)
+        torch.testing.assert_close(recompute.arch_history()[name], a, rtol=0, atol=1e-3)
         assert not torch.equal(amp.arch_history()[name], a)
     assert abs(amp.history[-1].val_loss - base.history[-1].val_loss) < 0.02 * base.history[-1].val_loss

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from fastdarts import backend
 from fastdarts.nn.operations import FactorizedReduce, Identity, dil_conv_units, pool_bn_kind
@@ -192,29 +193,33 @@ def batched_cell_applies(cell: nn.Module, x: Tensor) -> bool:
     return bool(mode) and cell.training and not torch.compiler.is_compiling() and plan(cell) is not None
 
 
-def _gather(chunks: Sequence[Sequence[Tensor]]) -> list[Tensor]:
-    """Each chunk's tensors concatenated along dim 0, all chunks from one concatenation of everything (one copy;
-    the backward hands each tensor its slice of the gradient)."""
-    flat = torch.cat([t.reshape(-1) for chunk in chunks for t in chunk])
+def _split(flat: Tensor, chunks: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """The concatenation of every chunk's tensors (flattened, in order) back as one tensor per chunk, its tensors
+    concatenated along dim 0 (views: the concatenation is the one copy, and its backward hands each tensor its slice
+    of the gradient)."""
     sizes = [sum(t.numel() for t in chunk) for chunk in chunks]
     return [piece.view(-1, *chunk[0].shape[1:]) for piece, chunk in zip(flat.split(sizes), chunks)]
 
 
-def _batch_norm(z: Tensor, bns: Sequence[nn.BatchNorm2d], affine: Sequence[Tensor], counters: list) -> Tensor:
+def _batch_norm(
+    z: Tensor, bns: Sequence[nn.BatchNorm2d], affine: Sequence[Tensor], counters: list, track: bool
+) -> Tensor:
     """BatchNorm of z [B, N, H, W] with batch statistics, channel blocks by their own BatchNorms ``bns``: the
     running statistics gathered into one tensor, updated there and copied back with one multi-tensor copy (none
-    where they are None, as inside ``torch.func.functional_call`` with the statistics left out). affine: the
-    gathered (weight, bias), or empty."""
+    where they are None, as inside ``torch.func.functional_call`` with the statistics left out; not copied back when
+    a backward recomputes the forward). affine: the gathered (weight, bias), or empty. track: whether the
+    statistics are tensors, decided at the forward (a recomputation runs outside a functional_call's swap)."""
     weight, bias = affine if affine else (None, None)
-    if bns[0].running_mean is None:
+    if not track:
         return F.batch_norm(z, None, None, weight, bias, True, bns[0].momentum, bns[0].eps)
     stats = [b.running_mean for b in bns] + [b.running_var for b in bns]
     both = torch.cat(stats)
     mean, var = both.split(both.numel() // 2)
     y = F.batch_norm(z, mean, var, weight, bias, True, bns[0].momentum, bns[0].eps)
-    with torch.no_grad():
-        torch._foreach_copy_(stats, list(both.split([s.numel() for s in stats])))
-    counters.extend(b.num_batches_tracked for b in bns if b.num_batches_tracked is not None)
+    if torch._C._current_graph_task_id() == -1:  # not a backward's recomputation (recompute_edges): kept
+        with torch.no_grad():
+            torch._foreach_copy_(stats, list(both.split([s.numel() for s in stats])))
+        counters.extend(b.num_batches_tracked for b in bns if b.num_batches_tracked is not None)
     return y
 
 
@@ -250,20 +255,26 @@ def _affine_chunks(bns: list[nn.BatchNorm2d]) -> list[list[Tensor]]:
     return [[b.weight for b in bns], [b.bias for b in bns]] if bns and bns[0].affine else []
 
 
-def _group(x: Tensor, E: int, stride: int, blocks: Blocks, counters: list) -> list[Tensor]:
-    """The normalised candidates of a group on its input repeated per edge, x [B, E * C, H, W]: the outputs of
-    its BatchNorm calls, [B, n * E * C, Ho, Wo] each, their blocks in the order of :func:`_columns`."""
+def _chunks(blocks: Blocks) -> list[list[Tensor]]:
+    """Every parameter a group reads, in the order :func:`_group` takes them, as the chunks of :func:`_split`."""
+    second = blocks.second()
+    chunks = _conv_chunks(blocks.units, 0) if blocks.units else []
+    for _, mods in blocks.factorized:
+        chunks += [[m.conv_1.weight for m in mods], [m.conv_2.weight for m in mods]]
+    chunks += _affine_chunks(blocks.batch_norms(0))
+    return chunks + (_conv_chunks(second, 1) if second else []) + _affine_chunks(blocks.batch_norms(1))
+
+
+def _group(
+    x: Tensor, params, E: int, stride: int, blocks: Blocks, counters: list, track: bool
+) -> list[Tensor]:
+    """The normalised candidates of a group on its input repeated per edge, x [B, E * C, H, W], with its
+    parameters ``params`` (an iterator over :func:`_split`'s tensors): the outputs of its BatchNorm calls,
+    [B, n * E * C, Ho, Wo] each, their blocks in the order of :func:`_columns`."""
     B, EC = x.shape[:2]
     C = EC // E
     second = blocks.second()
     bn0, bn1 = blocks.batch_norms(0), blocks.batch_norms(1)
-    chunks = _conv_chunks(blocks.units, 0) if blocks.units else []
-    for _, mods in blocks.factorized:
-        chunks += [[m.conv_1.weight for m in mods], [m.conv_2.weight for m in mods]]
-    chunks += _affine_chunks(bn0)
-    chunks += (_conv_chunks(second, 1) if second else []) + _affine_chunks(bn1)
-    params = iter(_gather(chunks) if chunks else ())
-
     r = torch.relu(x) if blocks.units or blocks.factorized else None
     normalised = [_convs(r, blocks.units, 0, EC, params)] if blocks.units else []
     for _, (kind, _), _ in blocks.pools:
@@ -277,12 +288,12 @@ def _group(x: Tensor, E: int, stride: int, blocks: Blocks, counters: list) -> li
     if not normalised:
         return []
     z = normalised[0] if len(normalised) == 1 else torch.cat(normalised, 1)
-    z = _batch_norm(z, bn0, (next(params), next(params)) if bn0[0].affine else (), counters)
+    z = _batch_norm(z, bn0, (next(params), next(params)) if bn0[0].affine else (), counters, track)
     if not second:
         return [z]
     # the separable convolutions' second units, on their first units' normalised outputs
     p = _convs(torch.relu(z[:, : len(second) * EC]), second, 1, EC, params)
-    return [z, _batch_norm(p, bn1, (next(params), next(params)) if bn1[0].affine else (), counters)]
+    return [z, _batch_norm(p, bn1, (next(params), next(params)) if bn1[0].affine else (), counters, track)]
 
 
 def _columns(blocks: Blocks) -> list[list]:
@@ -314,6 +325,18 @@ def _parts(p: Plan, blocks: Blocks) -> list[list]:
     return _columns(blocks) + ([["edge"]] if p.partial > 1 else [])
 
 
+def _weighted(parts: Sequence[Tensor], weights: Sequence[Tensor], E: int) -> Tensor:
+    """sum over the parts [B, n * E * C, Ho, Wo] of their blocks weighted per edge by weights [n * E]: [B, E, C * Ho
+    * Wo]."""
+    out = None
+    for t, w in zip(parts, weights):
+        n = w.numel() // E
+        term = t.reshape(t.shape[0], n, E, -1) * w.view(1, n, E, 1)
+        term = term.sum(1) if n > 1 else term[:, 0]
+        out = term if out is None else out + term
+    return out
+
+
 def _repeat(xs: Sequence[Tensor], per: int) -> Tensor:
     """[B, C, H, W] states -> [B, len(xs) * per * C, H, W]: each state once per edge that reads it."""
     B, C, H, W = xs[0].shape
@@ -333,6 +356,9 @@ def batched_cell(
     :func:`fastdarts.ops.partial_channel` does, for all its edges at once; the edge weights multiply after that.
     """
     p = plan(cell)
+    recompute = (
+        getattr(cell, "recompute_edges", False) and torch._C._functorch.peek_interpreter_stack() is None
+    )
     states = [cell.preprocess0(s0), cell.preprocess1(s1)]
     K = weights.shape[1]
     w = weights
@@ -354,17 +380,31 @@ def batched_cell(
         if p.partial > 1:
             xs = [s[:, :c] for s in xs]
         x = _repeat(xs, per)
-        parts = _group(x, E, group.stride, blocks, counters)
-        if blocks.identity:
-            parts.append(x)
-        for _, mods in blocks.modules:  # candidates of other kinds, each on its own edge
-            parts.append(torch.cat([m(xs[e // per]) for e, m in enumerate(mods)], 1))
-        out = None
-        for t, columns in zip(parts, _columns(blocks)):
-            n = len(columns)
-            term = (t.reshape(B, n, E, -1) * next(gathered).view(1, n, E, 1)).sum(1)
-            out = term if out is None else out + term
-        Ho, Wo = parts[0].shape[2:]
+        ws = [next(gathered) for _ in _columns(blocks)]
+        own = len(ws) - len(blocks.modules)  # the weights of the batched blocks, then of each module column
+        out, Ho, Wo = None, None, None
+        if own:
+            chunks = _chunks(blocks)
+            flat = torch.cat([t.reshape(-1) for chunk in chunks for t in chunk]) if chunks else None
+            bns = blocks.batch_norms(0) + blocks.batch_norms(1)
+            track = bool(bns) and bns[0].running_mean is not None
+
+            def mixed(x, flat, *ws, blocks=blocks, chunks=chunks, E=E, stride=group.stride, track=track):
+                """The group's batched blocks, weighted: a function of its arguments alone (recompute_edges)."""
+                params = iter(_split(flat, chunks) if chunks else ())
+                parts = _group(x, params, E, stride, blocks, counters, track) + (
+                    [x] if blocks.identity else []
+                )
+                return _weighted(parts, ws, E), *parts[0].shape[2:]
+
+            if recompute:  # keep only the arguments for the backward, which runs the group's forward again
+                out, Ho, Wo = checkpoint(mixed, x, flat, *ws[:own], use_reentrant=False)
+            else:
+                out, Ho, Wo = mixed(x, flat, *ws[:own])
+        for (_, mods), wk in zip(blocks.modules, ws[own:]):  # candidates of other kinds, each on its own edge
+            t = torch.cat([m(xs[e // per]) for e, m in enumerate(mods)], 1)
+            Ho, Wo = t.shape[2:]
+            out = _weighted([t], [wk], E) if out is None else out + _weighted([t], [wk], E)
         if p.partial > 1:  # the bypassed channels, then the shuffle, then the edge weights
             rest = _repeat([states[j][:, c:] for j in sources], per)
             if group.stride == 2:

@@ -103,9 +103,12 @@ class Cell(nn.Module):
     Attributes:
         batched_edges: run the edges batched by the states they read (:mod:`fastdarts.nn.batched`) when training:
             None (the default) on a GPU with the "auto" backend, True wherever it can, False never.
+        recompute_edges: with batched edges, keep only each group's input for the backward and run the group's
+            forward again there (activation checkpointing: far less memory, one more forward of the candidates).
     """
 
     batched_edges: bool | None = None
+    recompute_edges: bool = False
 
     def __init__(
         self,

@@ -57,6 +57,9 @@ class SearchConfig:
         amp: "none", or "bf16": the forward passes of the search steps and of the evaluation under
             ``torch.autocast`` in bfloat16 (weights, alphas and optimiser states stay float32).
         channels_last: the model and its inputs in the channels-last memory format.
+        recompute_edges: run the cells' edges batched (fastdarts.nn.batched, on any device) and keep only each
+            group's inputs for the backward, which computes the group's forward again: a fraction of the
+            activation memory for one more forward of the candidates.
     """
 
     space: str = "darts"
@@ -88,6 +91,7 @@ class SearchConfig:
     amp: str = "none"
     channels_last: bool = False
     cuda_graphs: bool = False
+    recompute_edges: bool = False
 
     def __post_init__(self) -> None:
         choices = {"space": tuple(SPACES), "algo": ALGOS, "order": ORDERS, "hvp": HVP_MODES, "data": DATASETS,
@@ -260,6 +264,9 @@ class Search:
         ).to(self.device)  # fmt: skip
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if config.recompute_edges:
+            for cell in self.model.cells:
+                cell.batched_edges = cell.recompute_edges = True
         # the weights that train (all but the alphas; RF-DARTS: the BatchNorm affine ones), listed once
         self.weights = (
             freeze_random_features(self.model) if algo.random_features else self.model.weight_parameters()
