@@ -37,7 +37,9 @@ Cases (``--quick`` shrinks every shape to 3 cells, C=8, batch 2):
   backends; the largest difference between their alphas.
 
 Every timing is the median of ``torch.utils.benchmark.Timer.blocked_autorange`` after warm-up (the accelerator
-synchronised); peak memory is ``torch.cuda.max_memory_allocated`` over the timed runs (none on the CPU). A case
+synchronised); peak memory is ``torch.cuda.max_memory_allocated`` over the timed runs (none on the CPU); the ATen
+calls of one call are counted with a dispatch mode (the kernel launches an eager call makes on a GPU; a CUDA graph's
+replay makes none). A case
 that fails (out of memory, a compile that outlasts --compile-timeout) is recorded with its error and the suite
 goes on. The results file is rewritten after every measurement, so a run cut short keeps what it measured.
 """
@@ -64,6 +66,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils import benchmark as torch_benchmark
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdarts
 from fastdarts.nn import SearchNetwork
@@ -329,9 +332,36 @@ def _raise_timeout(signum, frame):
     raise _Timeout
 
 
+class _CallCount(TorchDispatchMode):
+    """Counts the ATen calls that compute (views, metadata and allocations left out): on a GPU, the kernel launches
+    of an eager call, whatever its speed here."""
+
+    SKIP = frozenset({
+        "view", "_unsafe_view", "expand", "t", "slice", "select", "unsqueeze", "squeeze", "split", "split_with_sizes",
+        "as_strided", "detach", "alias", "permute", "transpose", "reshape", "unbind", "_reshape_alias", "empty",
+        "empty_like", "new_empty", "new_empty_strided", "empty_strided", "promote_types", "lift_fresh", "set_",
+    })  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.overloadpacket.__name__ not in self.SKIP
+        return func(*args, **(kwargs or {}))
+
+
+def aten_calls(fn: Callable) -> int:
+    """The ATen calls one call of ``fn`` makes (:class:`_CallCount`)."""
+    with _CallCount() as count:
+        fn()
+    return count.calls
+
+
 def measure(build: Callable[[], Callable], device: torch.device, warmup: int, min_time: float,
-            timeout: float) -> dict:  # fmt: skip
-    """Builds the callable, runs it ``warmup`` times (the first call timed: compiles, caches) and times it."""
+            timeout: float, count: bool = True) -> dict:  # fmt: skip
+    """Builds the callable, runs it ``warmup`` times (the first call timed: compiles, caches), counts the ATen calls
+    of one call (``count``; not under torch.compile, which a dispatch mode would send back to eager) and times it."""
     start = time.perf_counter()
     use_alarm = hasattr(signal, "SIGALRM")
     if use_alarm:  # a torch.compile that does not finish in time must not take the whole suite with it
@@ -349,13 +379,14 @@ def measure(build: Callable[[], Callable], device: torch.device, warmup: int, mi
     first = time.perf_counter() - start
     for _ in range(warmup - 1):
         fn()
+    calls = aten_calls(fn) if count else None
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     m = torch_benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_time)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times) * m.number_per_run,
-            "peak_gib": peak, "first_call_s": first}  # fmt: skip
+            "peak_gib": peak, "first_call_s": first, "aten_calls": calls}  # fmt: skip
 
 
 def _release(device: torch.device) -> None:
@@ -370,8 +401,9 @@ def _run_one(case: Case, impl: str, device, args) -> dict:
     fastdarts.set_backend(IMPL_BACKEND.get(impl, "auto"))
     try:
         return measure(
-            lambda: case.build(impl, device), device, args.warmup, args.min_time, args.compile_timeout
-        )
+            lambda: case.build(impl, device), device, args.warmup, args.min_time, args.compile_timeout,
+            count=impl != "reference-compiled",
+        )  # fmt: skip
     except torch.OutOfMemoryError as exc:
         return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
     except Exception as exc:  # noqa: BLE001 - one broken case is recorded, the suite goes on
@@ -411,12 +443,12 @@ def summary(results: dict) -> list[str]:
     """The results as lines of a markdown table: fastdarts' median and peak memory, the baseline's, the ratio;
     then the second-order over first-order cost of each implementation per supernet (issue 6's measure)."""
     lines = [
-        "| case | fastdarts | baseline | speed-up | peak memory (fastdarts / baseline) |",
-        "| --- | --- | --- | --- | --- |",
+        "| case | fastdarts | baseline | speed-up | peak memory (fastdarts / baseline) | ATen calls (fastdarts / baseline) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for label, fast, other in _pairs(results):
         lines.append(f"| {label} | {_cell(fast)} | {_cell(other)} | {_ratio(other, fast)} | "
-                     f"{_memory(fast, other)} |")  # fmt: skip
+                     f"{_memory(fast, other)} | {_calls(fast, other)} |")  # fmt: skip
     for net in dict.fromkeys(net for net, _ in STEPS):
         first, second = results["cases"].get(f"step/{net}/first"), results["cases"].get(f"step/{net}/second")
         if first and second:
@@ -488,6 +520,10 @@ def _cell(r: dict) -> str:
 
 def _ratio(slow: dict, fast: dict) -> str:
     return f"{slow['ms'] / fast['ms']:.2f}x" if "ms" in slow and "ms" in fast else "-"
+
+
+def _calls(a: dict, b: dict) -> str:
+    return f"{a['aten_calls']} / {b['aten_calls']}" if a.get("aten_calls") and b.get("aten_calls") else "-"
 
 
 def _memory(a: dict, b: dict) -> str:

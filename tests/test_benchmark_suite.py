@@ -33,6 +33,8 @@ def test_quick_suite_measures_every_selected_case(tmp_path, capsys):
     for impls in results["cases"].values():
         for r in impls.values():
             assert "error" not in r and r["ms"] > 0 and r["runs"] >= 1 and r["peak_gib"] is None
+    step = results["cases"]["step/cifar-b64/first"]  # batched cells: a fraction of the reference's launches
+    assert 0 < step["fastdarts-batched"]["aten_calls"] < step["reference"]["aten_calls"] / 2
     agreement = results["agreement"]
     # Adam moves each alpha by at most about its learning rate (3e-4) per step, whatever the gradient
     assert 0 <= agreement["max_abs_alpha_diff"] < 2 * agreement["steps"] * 3e-4
