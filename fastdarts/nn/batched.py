@@ -235,10 +235,10 @@ def _convs(h: Tensor, convs: list[tuple], unit: int, EC: int, params) -> Tensor:
     """Unit ``unit`` of the convolution blocks ``convs`` up to its BatchNorm: each block's depthwise convolution
     (of all of h in unit 0; of its own EC channels of h in unit 1), then every pointwise convolution as one
     grouped convolution: [B, len(convs) * EC, Ho, Wo]."""
+    inputs = [h] * len(convs) if unit == 0 else h.split(EC, 1)  # (split: its backward is one concatenation)
     depthwise = []
-    for i, (_, units) in enumerate(convs):
+    for inp, (_, units) in zip(inputs, convs):
         dw = units[0][unit][0]
-        inp = h if unit == 0 else h[:, i * EC : (i + 1) * EC]
         depthwise.append(F.conv2d(inp, next(params), None, dw.stride, dw.padding, dw.dilation, EC))
     d = depthwise[0] if len(depthwise) == 1 else torch.cat(depthwise, 1)
     E = len(convs[0][1])
@@ -269,8 +269,8 @@ def _group(
     x: Tensor, params, E: int, stride: int, blocks: Blocks, counters: list, track: bool
 ) -> list[Tensor]:
     """The normalised candidates of a group on its input repeated per edge, x [B, E * C, H, W], with its
-    parameters ``params`` (an iterator over :func:`_split`'s tensors): the outputs of its BatchNorm calls,
-    [B, n * E * C, Ho, Wo] each, their blocks in the order of :func:`_columns`."""
+    parameters ``params`` (an iterator over :func:`_split`'s tensors): the candidates' outputs from its BatchNorm
+    calls, [B, n * E * C, Ho, Wo] each, their blocks in the order of :func:`_columns`."""
     B, EC = x.shape[:2]
     C = EC // E
     second = blocks.second()
@@ -291,15 +291,18 @@ def _group(
     z = _batch_norm(z, bn0, (next(params), next(params)) if bn0[0].affine else (), counters, track)
     if not second:
         return [z]
-    # the separable convolutions' second units, on their first units' normalised outputs
-    p = _convs(torch.relu(z[:, : len(second) * EC]), second, 1, EC, params)
-    return [z, _batch_norm(p, bn1, (next(params), next(params)) if bn1[0].affine else (), counters, track)]
+    # the separable convolutions' second units, on their first units' normalised outputs, which lead z: split
+    # off (its backward is one concatenation) and not weighted
+    first, rest = z.split([len(second) * EC, z.shape[1] - len(second) * EC], 1)
+    p = _convs(torch.relu(first), second, 1, EC, params)
+    z2 = _batch_norm(p, bn1, (next(params), next(params)) if bn1[0].affine else (), counters, track)
+    return ([rest] if rest.shape[1] else []) + [z2]
 
 
 def _columns(blocks: Blocks) -> list[list]:
     """The alpha columns of the parts that :func:`batched_cell` weights, in its order: the first BatchNorm call's
-    blocks (None for the separable convolutions' first units), the second call's, the identity, each module."""
-    first = [None if len(units[0]) == 2 else k for k, units in blocks.units]
+    outputs (without the separable convolutions' first units), the second call's, the identity, each module."""
+    first = [k for k, units in blocks.units if len(units[0]) == 1]
     first += [k for k, _, _ in blocks.pools] + [k for k, _ in blocks.factorized]
     parts = [first] if first else []
     parts += [[k for k, _ in blocks.second()]] if blocks.second() else []
@@ -308,12 +311,11 @@ def _columns(blocks: Blocks) -> list[list]:
 
 
 def _index(p: Plan, K: int, device: torch.device) -> Tensor:
-    """The positions in the flattened [num_edges, K + 2] weights (column K: zero, K + 1: the edge weight) of every
-    weight that :func:`batched_cell` multiplies, group by group and part by part ([n, E] each, flattened): one
-    gather per cell call. Made once per device."""
+    """The positions in the flattened [num_edges, K + 1] weights (column K: the edge weight) of every weight that
+    :func:`batched_cell` multiplies, group by group and part by part ([n, E] each, flattened): one gather per cell
+    call. Made once per device."""
     if device not in p.index:
-        at = {None: K, "edge": K + 1}
-        rows = [e * (K + 2) + at.get(c, c)
+        rows = [e * (K + 1) + (K if c == "edge" else c)
                 for group, blocks in zip(p.groups, p.blocks) for columns in _parts(p, blocks)
                 for c in columns for e in group.edges]  # fmt: skip
         p.index[device] = torch.tensor(rows, device=device)
@@ -365,7 +367,7 @@ def batched_cell(
     if edge_weights is not None and p.partial == 1:  # the edge weight of every candidate's weight
         w = weights * edge_weights[:, None]
     last = edge_weights[:, None] if edge_weights is not None and p.partial > 1 else w.new_ones(w.shape[0], 1)
-    flat = torch.cat([w, w.new_zeros(w.shape[0], 1), last], 1).view(-1)
+    flat = torch.cat([w, last], 1).view(-1)
     gathered = iter(flat[_index(p, K, w.device)].split(
         [len(c) * len(g.edges) for g, b in zip(p.groups, p.blocks) for c in _parts(p, b)]
     ))  # fmt: skip
@@ -412,10 +414,14 @@ def batched_cell(
             joined = torch.cat([out.view(B, E, c, Ho, Wo), rest.reshape(B, E, C - c, Ho, Wo)], 2)
             shuffled = joined.view(B, E, p.partial, c, Ho, Wo).transpose(2, 3).reshape(B, E, C * Ho * Wo)
             out = shuffled * next(gathered).view(1, E, 1)
-        out = out.view(B, len(sources), per, C, Ho, Wo)
-        contribution = out[:, 0] if len(sources) == 1 else out.sum(1)
-        pending = contribution if pending is None else pending[:, 1:] + contribution
-        states.append(pending[:, 0])
+        if len(sources) == 1:
+            contribution = out.view(B, per, C, Ho, Wo)
+        else:
+            contribution = out.view(B, len(sources), per, C, Ho, Wo).sum(1)
+        pending = contribution if pending is None else pending + contribution
+        # the first node is complete (split, not indexed: the backward is one concatenation, not zeros and copies)
+        node, pending = pending.split([1, pending.shape[1] - 1], 1)
+        states.append(node.squeeze(1))
     if counters:
         torch._foreach_add_(counters, 1)
     return torch.cat(states[-cell._multiplier :], dim=1)
