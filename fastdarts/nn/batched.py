@@ -1,26 +1,31 @@
 """A search cell's edges computed together: the edges that read the same states as one batch per candidate.
 
-Module by module, a DARTS cell runs each of its 14 edges on its own: ~29 kernels per edge in a forward (a
-separable convolution alone is ReLU, depthwise, pointwise and BatchNorm twice), ~400 per cell, and a GPU at CIFAR
-shapes spends its time launching them. Here the edges out of the cell inputs s0 and s1 (8 of the 14) form one
-group, then the edges out of each intermediate node (3, 2, 1), and within a group each candidate is one call for
-all its edges:
+Module by module, a DARTS cell runs each of its 14 edges on its own: a separable convolution alone is ReLU,
+depthwise, pointwise and BatchNorm twice, and the 8-cell CIFAR supernet makes 6,453 ATen calls in a forward,
+each a kernel launch on a GPU, which at CIFAR shapes spends its time launching them. Here the edges out of the
+cell inputs s0 and s1 (8 of the 14) form one group, then the edges out of each intermediate node (3, 2, 1),
+and within a group each candidate is one call for all its edges:
 
 - the group's input repeated once per edge, ``[B, E * C, H, W]`` (one copy), and its ReLU once;
 - a depthwise convolution of E * C channels per convolution candidate and unit, the pointwise convolutions of
-  all of them as one grouped convolution, and one BatchNorm over every channel the group normalises at once (the
-  convolutions' first units, the pools, FactorizedReduce), one more for the separable convolutions' second units;
+  all of them as one grouped convolution, and one BatchNorm over every channel the group normalises at once
+  (the convolutions' first units, the pools, FactorizedReduce), one more for the separable convolutions'
+  second units;
 - each pool once over the repeated input, FactorizedReduce's two 1x1 convolutions as grouped ones;
 - the weighted sum as one multiply-and-sum per normalised block, and the edges' sums added into their nodes in
-  one add per group.
+  one add per group (1,123 calls for that forward).
 
-The weights stay where they are, in each edge's own modules, so state dicts, optimisers and the compat layers see
-no difference: a group gathers every parameter it reads with one concatenation (whose backward only splits the
-gradient), and its BatchNorms' running statistics with one, copied back with one multi-tensor copy. The arithmetic
-is the modules' (a grouped convolution computes each group as its own convolution); summation orders differ.
+The weights stay where they are, in each edge's own modules, so state dicts, optimisers and the compat layers
+see no difference: a group gathers every parameter it reads with one concatenation (whose backward only splits
+the gradient), and the running statistics of each BatchNorm call with one, copied back with one multi-tensor
+copy. The arithmetic is the modules' (a grouped convolution computes each group as its own convolution);
+summation orders differ. PC-DARTS' edges batch the same way on their first C / K channels. With
+``recompute_edges`` a group keeps only its inputs for the backward, which runs its forward again (activation
+checkpointing).
 
-It runs in training mode on cells whose edges are plain MixedOps (:func:`plan` says which); elsewhere, and for a
-candidate of a kind it does not know (run as its own module, then weighted like the others), edge by edge.
+It runs in training mode on cells whose edges are all MixedOps or all PartialMixedOps (:func:`plan` says
+which); elsewhere edge by edge. A candidate of a kind it does not know runs as its own module and is weighted
+like the others.
 """
 
 from __future__ import annotations
@@ -387,22 +392,22 @@ def batched_cell(
         out, Ho, Wo = None, None, None
         if own:
             chunks = _chunks(blocks)
-            flat = torch.cat([t.reshape(-1) for chunk in chunks for t in chunk]) if chunks else None
+            params = torch.cat([t.reshape(-1) for chunk in chunks for t in chunk]) if chunks else None
             bns = blocks.batch_norms(0) + blocks.batch_norms(1)
             track = bool(bns) and bns[0].running_mean is not None
 
-            def mixed(x, flat, *ws, blocks=blocks, chunks=chunks, E=E, stride=group.stride, track=track):
+            def mixed(x, params, *ws, blocks=blocks, chunks=chunks, E=E, stride=group.stride, track=track):
                 """The group's batched blocks, weighted: a function of its arguments alone (recompute_edges)."""
-                params = iter(_split(flat, chunks) if chunks else ())
-                parts = _group(x, params, E, stride, blocks, counters, track) + (
+                views = iter(_split(params, chunks) if chunks else ())
+                parts = _group(x, views, E, stride, blocks, counters, track) + (
                     [x] if blocks.identity else []
                 )
                 return _weighted(parts, ws, E), *parts[0].shape[2:]
 
             if recompute:  # keep only the arguments for the backward, which runs the group's forward again
-                out, Ho, Wo = checkpoint(mixed, x, flat, *ws[:own], use_reentrant=False)
+                out, Ho, Wo = checkpoint(mixed, x, params, *ws[:own], use_reentrant=False)
             else:
-                out, Ho, Wo = mixed(x, flat, *ws[:own])
+                out, Ho, Wo = mixed(x, params, *ws[:own])
         for (_, mods), wk in zip(blocks.modules, ws[own:]):  # candidates of other kinds, each on its own edge
             t = torch.cat([m(xs[e // per]) for e, m in enumerate(mods)], 1)
             Ho, Wo = t.shape[2:]
