@@ -7,15 +7,13 @@ the same autocast.
 """
 
 import copy
-from collections import Counter
-from typing import ClassVar
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.run import aten_calls
 from fastdarts.nn import batched
 from fastdarts.search import Architect, ArchitectConfig
 from tests.conftest import DEVICES
@@ -138,32 +136,13 @@ def test_runs_edge_by_edge_where_it_does_not_apply():
     )
 
 
-class _Count(TorchDispatchMode):
-    """Counts the ATen calls that compute something (views and metadata left out)."""
-
-    VIEWS: ClassVar = {"view", "_unsafe_view", "expand", "t", "slice", "select", "unsqueeze", "squeeze", "split",
-             "split_with_sizes", "as_strided", "detach", "alias", "permute", "transpose", "reshape", "unbind",
-             "_reshape_alias", "empty", "empty_like", "new_empty", "new_empty_strided", "empty_strided",
-             "promote_types"}  # fmt: skip
-
-    def __init__(self):
-        super().__init__()
-        self.calls = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ not in self.VIEWS:
-            self.calls[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _calls(model, x, y) -> tuple[int, int]:
+    """The ATen calls of a forward and of its backward (the suite's dispatch-mode count)."""
     model.loss(x, y).backward()  # warm
     model.zero_grad(set_to_none=True)  # (as the search steps do: gradients handed over, not added)
-    with _Count() as forward:
-        loss = model.loss(x, y)
-    with _Count() as backward:
-        loss.backward()
-    return sum(forward.calls.values()), sum(backward.calls.values())
+    losses = []
+    forward = aten_calls(lambda: losses.append(model.loss(x, y)))
+    return forward, aten_calls(losses[0].backward)
 
 
 @pytest.mark.parametrize("variant", [{}, PCDARTS], ids=["darts", "pcdarts"])
@@ -248,3 +227,24 @@ def test_recompute_keeps_a_fraction_of_the_activations():
         batched_mib,
         recompute_mib,
     )
+
+
+@pytest.mark.parametrize("base", ["darts", "pcdarts"])
+def test_compat_networks_run_batched(base):
+    # quark0/darts' and PC-DARTS' Network through fastdarts.compat: the same cells, batched (the default on a GPU)
+    import importlib
+
+    compat = importlib.import_module(f"fastdarts.compat.{base}")
+    net = compat.Network(8, 5, 3, nn.CrossEntropyLoss()).double()
+    other = copy.deepcopy(net)
+    for cell in other.cells:
+        cell.batched_edges = True
+    x, y = batch(dtype=torch.float64)
+    losses, grads = [], []
+    for model in (net, other):
+        loss = model._loss(x, y)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    assert all(batched.plan(cell) is not None for cell in other.cells)
+    assert _rel(losses[1], losses[0]) < 1e-10
+    assert max(_rel(b, a) for a, b in zip(*grads) if a.abs().max() > 0) < 1e-10
