@@ -19,7 +19,8 @@ The weights stay where they are, in each edge's own modules, so state dicts, opt
 see no difference: a group gathers every parameter it reads with one concatenation (whose backward only splits
 the gradient), and the running statistics of each BatchNorm call with one, copied back with one multi-tensor
 copy. The arithmetic is the modules' (a grouped convolution computes each group as its own convolution);
-summation orders differ. PC-DARTS' edges batch the same way on their first C / K channels. With
+summation orders differ. PC-DARTS' edges batch the same way on their first C / K channels, and one
+:func:`fastdarts.ops.partial_channel` call adds the bypass and shuffles for all of a group's edges. With
 ``recompute_edges`` a group keeps only its inputs for the backward, which runs its forward again (activation
 checkpointing).
 
@@ -40,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastdarts import backend
 from fastdarts.nn.operations import FactorizedReduce, Identity, dil_conv_units, pool_bn_kind
+from fastdarts.ops import partial_channel
 
 __all__ = ["batched_cell", "batched_cell_applies", "plan"]
 
@@ -412,13 +414,12 @@ def batched_cell(
             t = torch.cat([m(xs[e // per]) for e, m in enumerate(mods)], 1)
             Ho, Wo = t.shape[2:]
             out = _weighted([t], [wk], E) if out is None else out + _weighted([t], [wk], E)
-        if p.partial > 1:  # the bypassed channels, then the shuffle, then the edge weights
-            rest = _repeat([states[j][:, c:] for j in sources], per)
-            if group.stride == 2:
-                rest = F.max_pool2d(rest, 2, 2)
-            joined = torch.cat([out.view(B, E, c, Ho, Wo), rest.reshape(B, E, C - c, Ho, Wo)], 2)
-            shuffled = joined.view(B, E, p.partial, c, Ho, Wo).transpose(2, 3).reshape(B, E, C * Ho * Wo)
-            out = shuffled * next(gathered).view(1, E, 1)
+        if p.partial > 1:  # the bypassed channels and the shuffle, every edge of the group in one call; then
+            # the edge weights (the group's edges as a batch of B * E edge inputs)
+            full = _repeat([states[j] for j in sources], per).view(B * E, C, *x.shape[2:])
+            mixed = out.view(B * E, c, Ho, Wo)
+            shuffled = partial_channel([mixed], mixed.new_ones(1), full, p.partial, group.stride)
+            out = shuffled.view(B, E, C * Ho * Wo) * next(gathered).view(1, E, 1)
         if len(sources) == 1:
             contribution = out.view(B, per, C, Ho, Wo)
         else:
