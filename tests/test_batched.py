@@ -119,17 +119,27 @@ def test_the_plan_follows_replaced_modules():
     assert [k for k, _ in other.cells[0]._batched_plan.blocks[0].modules] == [4]
 
 
+def test_eval_mode_uses_the_running_statistics_like_the_edges():
+    model, other = _pair()
+    x, y = batch(dtype=torch.float64)
+    for net in (model, other):
+        net.loss(x, y)  # running statistics away from their initial 0 and 1
+        net.eval()
+    with torch.no_grad():
+        logits, logits_b = model(x), other(x)
+    assert batched.batched_cell_applies(other.cells[0], x)
+    assert _rel(logits_b, logits) < 1e-10
+    assert not torch.equal(logits, model.train()(x))  # (the running statistics were used)
+
+
 def test_runs_edge_by_edge_where_it_does_not_apply():
     _, other = _pair()
     x, _ = batch(dtype=torch.float64)
-    other.eval()  # running statistics: edge by edge
-    assert not batched.batched_cell_applies(other.cells[0], x)
     mixed = tiny_network(
         dtype=torch.float64, partial_channels=2
     )  # partial-channel and plain edges in one cell
     mixed.cells[0]._ops[0] = other.cells[0]._ops[0]
     assert batched.plan(mixed.cells[0]) is None
-    other.train()
     other.cells[0].batched_edges = None  # auto: on a GPU only
     assert batched.batched_cell_applies(other.cells[0], x.cuda() if torch.cuda.is_available() else x) == (
         torch.cuda.is_available()

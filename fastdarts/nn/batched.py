@@ -24,7 +24,7 @@ summation orders differ. PC-DARTS' edges batch the same way on their first C / K
 ``recompute_edges`` a group keeps only its inputs for the backward, which runs its forward again (activation
 checkpointing).
 
-It runs in training mode on cells whose edges are all MixedOps or all PartialMixedOps (:func:`plan` says
+It runs on cells whose edges are all MixedOps or all PartialMixedOps (:func:`plan` says
 which); elsewhere edge by edge. A candidate of a kind it does not know runs as its own module and is weighted
 like the others.
 """
@@ -110,7 +110,7 @@ def _groups(steps: int, reduction: bool) -> list[Group]:
 
 def _bn_ok(bn: nn.Module) -> bool:
     return (
-        type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats and bn.momentum is not None
+        type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.momentum is not None
         and bn.running_mean is not None and bn.num_batches_tracked is not None
     )  # fmt: skip
 
@@ -193,11 +193,11 @@ def _signature(containers: list[dict]) -> tuple:
 
 def batched_cell_applies(cell: nn.Module, x: Tensor) -> bool:
     """Whether :func:`batched_cell` runs: ``cell.batched_edges`` is True, or None (auto) with x on a GPU and the
-    "auto" backend; the cell is training; torch.compile is not tracing; and the cell has a plan."""
+    "auto" backend; torch.compile is not tracing; and the cell has a plan."""
     mode = getattr(cell, "batched_edges", None)
     if mode is None:
         mode = x.device.type == "cuda" and backend.get_backend() == "auto"
-    return bool(mode) and cell.training and not torch.compiler.is_compiling() and plan(cell) is not None
+    return bool(mode) and not torch.compiler.is_compiling() and plan(cell) is not None
 
 
 def _split(flat: Tensor, chunks: Sequence[Sequence[Tensor]]) -> list[Tensor]:
@@ -209,23 +209,25 @@ def _split(flat: Tensor, chunks: Sequence[Sequence[Tensor]]) -> list[Tensor]:
 
 
 def _batch_norm(
-    z: Tensor, bns: Sequence[nn.BatchNorm2d], affine: Sequence[Tensor], counters: list, track: bool
+    z: Tensor, bns: Sequence[nn.BatchNorm2d], affine: Sequence[Tensor], counters: list, stats: str
 ) -> Tensor:
-    """BatchNorm of z [B, N, H, W] with batch statistics, channel blocks by their own BatchNorms ``bns``: the
-    running statistics gathered into one tensor, updated there and copied back with one multi-tensor copy (none
-    where they are None, as inside ``torch.func.functional_call`` with the statistics left out; not copied back when
-    a backward recomputes the forward). affine: the gathered (weight, bias), or empty. track: whether the
-    statistics are tensors, decided at the forward (a recomputation runs outside a functional_call's swap)."""
+    """BatchNorm of z [B, N, H, W], channel blocks by their own BatchNorms ``bns``, their running statistics
+    gathered into one tensor. stats: "train" (batch statistics; the running ones updated in the gathered tensor and
+    copied back with one multi-tensor copy, except when a backward recomputes the forward), "eval" (the running
+    statistics) or "batch" (batch statistics, the running ones None, as inside ``torch.func.functional_call`` with
+    them left out); decided at the forward, since a recomputation runs outside a functional_call's swap. affine:
+    the gathered (weight, bias), or empty."""
     weight, bias = affine if affine else (None, None)
-    if not track:
+    if stats == "batch":
         return F.batch_norm(z, None, None, weight, bias, True, bns[0].momentum, bns[0].eps)
-    stats = [b.running_mean for b in bns] + [b.running_var for b in bns]
-    both = torch.cat(stats)
+    running = [b.running_mean for b in bns] + [b.running_var for b in bns]
+    both = torch.cat(running)
     mean, var = both.split(both.numel() // 2)
-    y = F.batch_norm(z, mean, var, weight, bias, True, bns[0].momentum, bns[0].eps)
-    if torch._C._current_graph_task_id() == -1:  # not a backward's recomputation (recompute_edges): kept
+    training = stats == "train"
+    y = F.batch_norm(z, mean, var, weight, bias, training, bns[0].momentum, bns[0].eps)
+    if training and torch._C._current_graph_task_id() == -1:  # (not a backward's recomputation: kept)
         with torch.no_grad():
-            torch._foreach_copy_(stats, list(both.split([s.numel() for s in stats])))
+            torch._foreach_copy_(running, list(both.split([s.numel() for s in running])))
         counters.extend(b.num_batches_tracked for b in bns if b.num_batches_tracked is not None)
     return y
 
@@ -273,11 +275,12 @@ def _chunks(blocks: Blocks) -> list[list[Tensor]]:
 
 
 def _group(
-    x: Tensor, params, E: int, stride: int, blocks: Blocks, counters: list, track: bool
+    x: Tensor, params, E: int, stride: int, blocks: Blocks, counters: list, stats: str
 ) -> list[Tensor]:
     """The normalised candidates of a group on its input repeated per edge, x [B, E * C, H, W], with its
-    parameters ``params`` (an iterator over :func:`_split`'s tensors): the candidates' outputs from its BatchNorm
-    calls, [B, n * E * C, Ho, Wo] each, their blocks in the order of :func:`_columns`."""
+    parameters ``params`` (an iterator over :func:`_split`'s tensors) and BatchNorm statistics ``stats`` (see
+    :func:`_batch_norm`): the candidates' outputs from its BatchNorm calls, [B, n * E * C, Ho, Wo] each, their
+    blocks in the order of :func:`_columns`."""
     B, EC = x.shape[:2]
     C = EC // E
     second = blocks.second()
@@ -295,14 +298,14 @@ def _group(
     if not normalised:
         return []
     z = normalised[0] if len(normalised) == 1 else torch.cat(normalised, 1)
-    z = _batch_norm(z, bn0, (next(params), next(params)) if bn0[0].affine else (), counters, track)
+    z = _batch_norm(z, bn0, (next(params), next(params)) if bn0[0].affine else (), counters, stats)
     if not second:
         return [z]
     # the separable convolutions' second units, on their first units' normalised outputs, which lead z: split
     # off (its backward is one concatenation) and not weighted
     first, rest = z.split([len(second) * EC, z.shape[1] - len(second) * EC], 1)
     p = _convs(torch.relu(first), second, 1, EC, params)
-    z2 = _batch_norm(p, bn1, (next(params), next(params)) if bn1[0].affine else (), counters, track)
+    z2 = _batch_norm(p, bn1, (next(params), next(params)) if bn1[0].affine else (), counters, stats)
     return ([rest] if rest.shape[1] else []) + [z2]
 
 
@@ -396,12 +399,14 @@ def batched_cell(
             chunks = _chunks(blocks)
             params = torch.cat([t.reshape(-1) for chunk in chunks for t in chunk]) if chunks else None
             bns = blocks.batch_norms(0) + blocks.batch_norms(1)
-            track = bool(bns) and bns[0].running_mean is not None
+            stats = (
+                "batch" if not bns or bns[0].running_mean is None else "train" if cell.training else "eval"
+            )
 
-            def mixed(x, params, *ws, blocks=blocks, chunks=chunks, E=E, stride=group.stride, track=track):
+            def mixed(x, params, *ws, blocks=blocks, chunks=chunks, E=E, stride=group.stride, stats=stats):
                 """The group's batched blocks, weighted: a function of its arguments alone (recompute_edges)."""
                 views = iter(_split(params, chunks) if chunks else ())
-                parts = _group(x, views, E, stride, blocks, counters, track) + (
+                parts = _group(x, views, E, stride, blocks, counters, stats) + (
                     [x] if blocks.identity else []
                 )
                 return _weighted(parts, ws, E), *parts[0].shape[2:]

@@ -101,8 +101,8 @@ class Cell(nn.Module):
         partial_channels: 1 for DARTS' edges, K > 1 for PC-DARTS' (:class:`PartialMixedOp` with groups K).
 
     Attributes:
-        batched_edges: run the edges batched by the states they read (:mod:`fastdarts.nn.batched`) when training:
-            None (the default) on a GPU with the "auto" backend, True wherever it can, False never.
+        batched_edges: run the edges batched by the states they read (:mod:`fastdarts.nn.batched`): None (the
+            default) on a GPU with the "auto" backend, True wherever it can, False never.
         recompute_edges: with batched edges, keep only each group's input for the backward and run the group's
             forward again there (activation checkpointing: far less memory, one more forward of the candidates).
     """
