@@ -260,21 +260,28 @@ def _compat_case(base: str, quick: bool, impl: str, device):
 
 
 def agreement(net: Net, steps: int, device) -> dict:
-    """The largest |alpha difference| between the two backends after ``steps`` first-order iterations."""
-    alphas = []
-    for name in ("auto", "reference"):
-        fastdarts.set_backend(name)
-        model, train, val = supernet(net, device)
-        step = search_step(model, "first", train, val)
-        for _ in range(steps):
-            step()
-        alphas.append([a.detach().double() for a in model.arch_parameters()])
+    """The largest |alpha difference| between the two backends after ``steps`` first-order iterations, in float32
+    (TF32 convolutions off for the run: cuDNN's default on a GPU rounds their inputs to 10 mantissa bits)."""
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    try:
+        alphas = [_alphas_after(name, net, steps, device) for name in ("auto", "reference")]
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     diff = max((a - b).abs().max().item() for a, b in zip(*alphas))
     return {
         "steps": steps,
         "max_abs_alpha_diff": diff,
         "alpha_scale": max(a.abs().max().item() for a in alphas[1]),
     }
+
+
+def _alphas_after(backend: str, net: Net, steps: int, device) -> list[torch.Tensor]:
+    fastdarts.set_backend(backend)
+    model, train, val = supernet(net, device)
+    step = search_step(model, "first", train, val)
+    for _ in range(steps):
+        step()
+    return [a.detach().double() for a in model.arch_parameters()]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,11 @@ if not torch.cuda.is_available():
 
 from fastdarts import backend  # after the Triton switch above
 
+# The float32 tests compare float32 arithmetic: on a GPU, cuDNN would otherwise run float32 convolutions in TF32
+# (inputs rounded to 10 mantissa bits), on both sides of a comparison but not alike.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 #: Devices the suite runs on: always the CPU, plus the GPU when there is one.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
