@@ -412,7 +412,10 @@ def batched_cell(
                 return _weighted(parts, ws, E), *parts[0].shape[2:]
 
             if recompute:  # keep only the arguments for the backward, which runs the group's forward again
-                out, Ho, Wo = checkpoint(mixed, x, params, *ws[:own], use_reentrant=False)
+                # (no random numbers in a group: no RNG state to save, which a CUDA graph capture would refuse)
+                out, Ho, Wo = checkpoint(
+                    mixed, x, params, *ws[:own], use_reentrant=False, preserve_rng_state=False
+                )
             else:
                 out, Ho, Wo = mixed(x, params, *ws[:own])
         for (_, mods), wk in zip(blocks.modules, ws[own:]):  # candidates of other kinds, each on its own edge
