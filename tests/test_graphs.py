@@ -58,10 +58,11 @@ def test_replayed_steps_equal_eager_ones():
 
 
 @needs_cuda
-@pytest.mark.parametrize("order", ["first", "second"])
-def test_search_with_cuda_graphs_ends_where_an_eager_one_does(order):
+@pytest.mark.parametrize(("order", "recompute"), [("first", False), ("second", False), ("first", True)])
+def test_search_with_cuda_graphs_ends_where_an_eager_one_does(order, recompute):
+    # (the cells batched, as on any GPU; with recompute, their groups recomputed inside the recorded backward)
     tiny = {"data": "digits", "layers": 3, "init_channels": 4, "batch_size": 32, "train_portion": 0.3, "epochs": 2,
-            "device": "cuda", "order": order}  # fmt: skip
+            "device": "cuda", "order": order, "recompute_edges": recompute}  # fmt: skip
     eager = run_search(SearchConfig(**tiny))
     graphed = run_search(SearchConfig(**tiny, cuda_graphs=True))
     for name, a in eager.arch_history().items():
