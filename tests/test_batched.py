@@ -258,3 +258,37 @@ def test_compat_networks_run_batched(base):
     assert all(batched.plan(cell) is not None for cell in other.cells)
     assert _rel(losses[1], losses[0]) < 1e-10
     assert max(_rel(b, a) for a, b in zip(*grads) if a.abs().max() > 0) < 1e-10
+
+
+def test_frozen_weights_get_no_gradient_computed():
+    # RF-DARTS: convolutions frozen at their random initialisation, BatchNorm affine trained; the batched cells
+    # gather the frozen weights apart, so no convolution computes a weight gradient (as edge by edge)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastdarts.search.algorithms import freeze_random_features
+
+    class WeightGradients(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.computed = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "convolution_backward":
+                self.computed += bool(args[-1][1])  # output_mask: (input, weight, bias)
+            return func(*args, **(kwargs or {}))
+
+    model, other = _pair(torch.float32)
+    for net in (model, other):
+        for bn in (m for m in net.cells.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.affine = True
+            bn.weight = nn.Parameter(torch.ones(bn.num_features))
+            bn.bias = nn.Parameter(torch.zeros(bn.num_features))
+    x, y = batch()
+    grads = []
+    for net in (model, other):
+        trained = freeze_random_features(net)
+        loss = net.loss(x, y)
+        with WeightGradients() as counted:
+            grads.append(torch.autograd.grad(loss, trained))
+        assert counted.computed == 0
+    assert max(_rel(b, a) for a, b in zip(*grads) if a.abs().max() > 0) < 1e-4

@@ -200,10 +200,17 @@ def batched_cell_applies(cell: nn.Module, x: Tensor) -> bool:
     return bool(mode) and not torch.compiler.is_compiling() and plan(cell) is not None
 
 
-def _split(flat: Tensor, chunks: Sequence[Sequence[Tensor]]) -> list[Tensor]:
-    """The concatenation of every chunk's tensors (flattened, in order) back as one tensor per chunk, its tensors
+def _flatten(chunks: Sequence[Sequence[Tensor]]) -> Tensor | None:
+    """Every chunk's tensors flattened and concatenated, in order (one copy), for :func:`_split`; None for none."""
+    return torch.cat([t.reshape(-1) for chunk in chunks for t in chunk]) if chunks else None
+
+
+def _split(flat: Tensor | None, chunks: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """:func:`_flatten`'s concatenation of the chunks back as one tensor per chunk, its tensors
     concatenated along dim 0 (views: the concatenation is the one copy, and its backward hands each tensor its slice
     of the gradient)."""
+    if not chunks:
+        return []
     sizes = [sum(t.numel() for t in chunk) for chunk in chunks]
     return [piece.view(-1, *chunk[0].shape[1:]) for piece, chunk in zip(flat.split(sizes), chunks)]
 
@@ -397,15 +404,21 @@ def batched_cell(
         out, Ho, Wo = None, None, None
         if own:
             chunks = _chunks(blocks)
-            params = torch.cat([t.reshape(-1) for chunk in chunks for t in chunk]) if chunks else None
+            # trained and frozen parameters (RF-DARTS' convolutions) in two concatenations, so that no frozen
+            # weight's gradient is computed
+            trained = [any(t.requires_grad for t in chunk) for chunk in chunks]
+            params = [_flatten([c for c, g in zip(chunks, trained) if g == side]) for side in (True, False)]
             bns = blocks.batch_norms(0) + blocks.batch_norms(1)
             stats = (
                 "batch" if not bns or bns[0].running_mean is None else "train" if cell.training else "eval"
             )
 
-            def mixed(x, params, *ws, blocks=blocks, chunks=chunks, E=E, stride=group.stride, stats=stats):
+            def mixed(x, params, frozen, *ws, blocks=blocks, chunks=chunks, trained=trained, E=E,
+                      stride=group.stride, stats=stats):  # fmt: skip
                 """The group's batched blocks, weighted: a function of its arguments alone (recompute_edges)."""
-                views = iter(_split(params, chunks) if chunks else ())
+                sides = {g: iter(_split(flat, [c for c, t in zip(chunks, trained) if t == g]))
+                         for g, flat in ((True, params), (False, frozen))}  # fmt: skip
+                views = iter([next(sides[g]) for g in trained])
                 parts = _group(x, views, E, stride, blocks, counters, stats) + (
                     [x] if blocks.identity else []
                 )
@@ -414,10 +427,10 @@ def batched_cell(
             if recompute:  # keep only the arguments for the backward, which runs the group's forward again
                 # (no random numbers in a group: no RNG state to save, which a CUDA graph capture would refuse)
                 out, Ho, Wo = checkpoint(
-                    mixed, x, params, *ws[:own], use_reentrant=False, preserve_rng_state=False
+                    mixed, x, *params, *ws[:own], use_reentrant=False, preserve_rng_state=False
                 )
             else:
-                out, Ho, Wo = mixed(x, params, *ws[:own])
+                out, Ho, Wo = mixed(x, *params, *ws[:own])
         for (_, mods), wk in zip(blocks.modules, ws[own:]):  # candidates of other kinds, each on its own edge
             t = torch.cat([m(xs[e // per]) for e, m in enumerate(mods)], 1)
             Ho, Wo = t.shape[2:]
