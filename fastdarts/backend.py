@@ -22,6 +22,7 @@ from fastdarts.errors import UsageError
 
 __all__ = [
     "BACKENDS",
+    "autocast_enabled",
     "extension_loaded",
     "get_backend",
     "info",
@@ -144,10 +145,16 @@ def kernel_live(op_name: str, device: torch.device) -> bool:
     return _backend == "auto" and _has_kernel(op_name, device.type) and _plain(device)
 
 
+def autocast_enabled(device: torch.device) -> bool:
+    """``torch.is_autocast_enabled`` for the device's type; False on the meta device, which autocast does not
+    know (it raises there), so that a forward on meta tensors (shape inference) runs the references."""
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)
+
+
 def _plain(device: torch.device) -> bool:
     """Neither autocast on ``device`` nor a torch.func transform (vmap, grad) is active (the transform check is
     skipped while torch.compile traces: dynamo cannot trace it, and runs transforms in its own way)."""
-    if torch.is_autocast_enabled(device.type):
+    if autocast_enabled(device):
         return False
     return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None
 

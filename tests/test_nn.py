@@ -202,3 +202,12 @@ def test_factorized_reduce_with_swapped_parts_runs_them():
     torch.testing.assert_close(
         m(x), m.bn(torch.cat([m.conv_1(F.elu(x)), m.conv_2(F.elu(x)[:, :, 1:, 1:])], 1))
     )
+
+
+@pytest.mark.parametrize(
+    "variant", [{}, {"partial_channels": 2, "edge_normalization": True}], ids=["darts", "pcdarts"]
+)
+def test_forward_on_meta_tensors_infers_the_shape(variant):
+    # shape inference without memory: every op takes its reference on the meta device (autocast does not know it)
+    model = SearchNetwork(4, 5, 3, **variant).to("meta")
+    assert model(torch.empty(2, 3, 8, 8, device="meta")).shape == (2, 5)

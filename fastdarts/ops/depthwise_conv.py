@@ -38,7 +38,7 @@ def _output_shape(
         raise UsageError(
             f"{op}: {weight_name} has shape {tuple(weight.shape)}, expected ({C}, 1, k, k) for x with {C} channels"
         )
-    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):  # autocast casts them itself
+    if weight.dtype != x.dtype and not backend.autocast_enabled(x.device):  # autocast casts them itself
         raise UsageError(f"{op}: {weight_name} has dtype {weight.dtype}, expected {x.dtype} like x")
     if weight.device != x.device:
         raise UsageError(f"{op}: {weight_name} is on {weight.device}, expected {x.device} like x")

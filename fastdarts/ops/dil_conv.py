@@ -46,7 +46,7 @@ def _check(
         raise UsageError(
             f"{op}: pw_weight has shape {tuple(pw_weight.shape)}, expected (C_out, {C}, 1, 1) for x with {C} channels"
         )
-    if pw_weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+    if pw_weight.dtype != x.dtype and not backend.autocast_enabled(x.device):
         raise UsageError(f"{op}: pw_weight has dtype {pw_weight.dtype}, expected {x.dtype} like x")
     C_out = pw_weight.shape[0]
     check_pair(op, ("bn_weight", "bn_bias"), (bn_weight, bn_bias), C_out)

@@ -33,7 +33,7 @@ def _check_inputs(op: str, xs: Sequence[Tensor], weights: Tensor, grad: Tensor |
     if len(xs) == 0:
         raise UsageError(f"{op}: xs is empty, expected at least one tensor")
     x0 = xs[0]
-    autocast = torch.is_autocast_enabled(x0.device.type)  # the candidates' outputs may then differ in dtype
+    autocast = backend.autocast_enabled(x0.device)  # the candidates' outputs may then differ in dtype
     if x0.dtype not in _DTYPES:
         raise UsageError(
             f"{op}: xs[0] has dtype {x0.dtype}, expected one of float32, float64, float16, bfloat16"

@@ -46,7 +46,7 @@ def _check_inputs(
     _check_mixed(op, xs, weights)
     if x.dim() != 4:
         raise UsageError(f"{op}: x has shape {tuple(x.shape)}, expected 4 dims [B, C, H, W]")
-    if x.dtype != xs[0].dtype and not torch.is_autocast_enabled(x.device.type):  # autocast: promoted by cat
+    if x.dtype != xs[0].dtype and not backend.autocast_enabled(x.device):  # autocast: promoted by cat
         raise UsageError(f"{op}: x has dtype {x.dtype}, expected {xs[0].dtype} like xs")
     if x.device != xs[0].device:
         raise UsageError(f"{op}: x is on {x.device}, expected {xs[0].device} like xs")
