@@ -8,9 +8,10 @@
 #   bash benchmarks/gpu.sh all                   # both
 #
 # The whole suite takes longer than 10 minutes (an estimate: it has not run on a GPU yet). Where a command has a
-# time limit, split it and collect the halves in one file with --merge:
-#   bash benchmarks/gpu.sh bench --only 'step/cifar*,hvp/*,op/*,agreement*'
-#   bash benchmarks/gpu.sh bench --only 'step/imagenet*,step/pcdarts*,compat/*' --merge
+# time limit, split it, the headline figures first, and collect the parts in one file with --merge:
+#   bash benchmarks/gpu.sh bench --only 'step/cifar-b64/*,hvp/*,agreement*'
+#   bash benchmarks/gpu.sh bench --only 'step/cifar-b256/*,step/pcdarts*,op/*' --merge
+#   bash benchmarks/gpu.sh bench --only 'step/imagenet*,compat/*' --merge
 #
 # TORCH_CUDA_ARCH_LIST defaults to the GPU's own architecture here (one arch compiles in half the time of two).
 set -euo pipefail
