@@ -127,7 +127,7 @@ def test_eval_mode_uses_the_running_statistics_like_the_edges():
         net.eval()
     with torch.no_grad():
         logits, logits_b = model(x), other(x)
-    assert batched.batched_cell_applies(other.cells[0], x)
+    assert batched.batched_plan(other.cells[0], x) is not None
     assert _rel(logits_b, logits) < 1e-10
     assert not torch.equal(logits, model.train()(x))  # (the running statistics were used)
 
@@ -141,9 +141,9 @@ def test_runs_edge_by_edge_where_it_does_not_apply():
     mixed.cells[0]._ops[0] = other.cells[0]._ops[0]
     assert batched.plan(mixed.cells[0]) is None
     other.cells[0].batched_edges = None  # auto: on a GPU only
-    assert batched.batched_cell_applies(other.cells[0], x.cuda() if torch.cuda.is_available() else x) == (
-        torch.cuda.is_available()
-    )
+    assert (
+        batched.batched_plan(other.cells[0], x.cuda() if torch.cuda.is_available() else x) is not None
+    ) == (torch.cuda.is_available())
 
 
 def _calls(model, x, y) -> tuple[int, int]:

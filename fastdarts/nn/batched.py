@@ -43,7 +43,7 @@ from fastdarts import backend
 from fastdarts.nn.operations import FactorizedReduce, Identity, dil_conv_units, pool_bn_kind
 from fastdarts.ops import partial_channel
 
-__all__ = ["batched_cell", "batched_cell_applies", "plan"]
+__all__ = ["batched_cell", "batched_plan", "plan"]
 
 
 @dataclass(frozen=True)
@@ -88,14 +88,18 @@ class Blocks:
 
 @dataclass
 class Plan:
-    """A cell's groups and their blocks, with what tells whether the cell's modules changed since."""
+    """A cell's groups, their blocks, and per group the alpha columns of its weighted parts (:func:`_columns`),
+    then with partial channels its edge weights ("edge")."""
 
     groups: list[Group]
     blocks: list[Blocks]
-    containers: list[dict]  # every module's dict of submodules
-    signature: tuple
     partial: int = 1  # PC-DARTS' K: the candidates see 1 / K of the channels
+    parts: list[list[list]] = field(init=False)
     index: dict = field(default_factory=dict)  # device -> the positions of the weights (see _index)
+
+    def __post_init__(self) -> None:
+        edge = [["edge"]] if self.partial > 1 else []
+        self.parts = [_columns(blocks) + edge for blocks in self.blocks]
 
 
 def _groups(steps: int, reduction: bool) -> list[Group]:
@@ -152,16 +156,22 @@ def _add(blocks: Blocks, column: int, mods: Sequence[nn.Module]) -> None:
 
 
 def plan(cell: nn.Module) -> Plan | None:
-    """The batched plan of a :class:`~fastdarts.nn.cell.Cell` (kept while its modules stay the same ones; their
-    BatchNorms are taken to train and evaluate with the cell), or
-    None when it cannot run batched: an edge with another forward than MixedOp's (PC-DARTS' partial channels), or
-    BatchNorms of different settings in one call."""
+    """The batched plan of a :class:`~fastdarts.nn.cell.Cell`, or None when it cannot run batched: edges that are
+    not all MixedOps or all PartialMixedOps of one K (or have another forward), or BatchNorms of different settings
+    in one call. Either answer is kept while the cell's modules stay the same ones (their BatchNorms are taken to
+    train and evaluate with the cell)."""
+    key = getattr(cell, "_batched_key", None)
+    if key is not None and _signature(key[0]) == key[1]:
+        return cell._batched_plan
+    containers = [m._modules for m in cell.modules() if m._modules]
+    cell._batched_key = (containers, _signature(containers))
+    cell._batched_plan = _build(cell)
+    return cell._batched_plan
+
+
+def _build(cell: nn.Module) -> Plan | None:
     from fastdarts.nn.cell import MixedOp, PartialMixedOp  # (cell imports this module)
 
-    cached = getattr(cell, "_batched_plan", None)
-    if cached is not None and _signature(cached.containers) == cached.signature:
-        return cached
-    containers = [m._modules for m in cell.modules() if m._modules]
     edges = list(cell._ops)
     plain = all(isinstance(e, MixedOp) and type(e).forward is MixedOp.forward for e in edges)
     partial = all(isinstance(e, PartialMixedOp) and type(e).forward is PartialMixedOp.forward for e in edges)
@@ -180,9 +190,7 @@ def plan(cell: nn.Module) -> Plan | None:
             if not _same((bn.momentum, bn.eps, bn.affine) for bn in blocks.batch_norms(unit)):
                 return None
         all_blocks.append(blocks)
-    K = edges[0].groups if partial else 1
-    cell._batched_plan = Plan(groups, all_blocks, containers, _signature(containers), K)
-    return cell._batched_plan
+    return Plan(groups, all_blocks, edges[0].groups if partial else 1)
 
 
 def _signature(containers: list[dict]) -> tuple:
@@ -191,13 +199,14 @@ def _signature(containers: list[dict]) -> tuple:
     return tuple(id(m) for d in containers for m in d.values())
 
 
-def batched_cell_applies(cell: nn.Module, x: Tensor) -> bool:
-    """Whether :func:`batched_cell` runs: ``cell.batched_edges`` is True, or None (auto) with x on a GPU and the
-    "auto" backend; torch.compile is not tracing; and the cell has a plan."""
+def batched_plan(cell: nn.Module, x: Tensor) -> Plan | None:
+    """The plan with which :func:`batched_cell` runs the cell for input x, or None where it does not:
+    ``cell.batched_edges`` is True, or None (auto) with x on a GPU and the "auto" backend; torch.compile is not
+    tracing; and the cell has a :func:`plan`."""
     mode = getattr(cell, "batched_edges", None)
     if mode is None:
         mode = x.device.type == "cuda" and backend.get_backend() == "auto"
-    return bool(mode) and not torch.compiler.is_compiling() and plan(cell) is not None
+    return plan(cell) if mode and not torch.compiler.is_compiling() else None
 
 
 def _flatten(chunks: Sequence[Sequence[Tensor]]) -> Tensor | None:
@@ -333,15 +342,10 @@ def _index(p: Plan, K: int, device: torch.device) -> Tensor:
     call. Made once per device."""
     if device not in p.index:
         rows = [e * (K + 1) + (K if c == "edge" else c)
-                for group, blocks in zip(p.groups, p.blocks) for columns in _parts(p, blocks)
+                for group, parts in zip(p.groups, p.parts) for columns in parts
                 for c in columns for e in group.edges]  # fmt: skip
         p.index[device] = torch.tensor(rows, device=device)
     return p.index[device]
-
-
-def _parts(p: Plan, blocks: Blocks) -> list[list]:
-    """The columns of a group's weighted parts (:func:`_columns`), then for partial channels the edge weights."""
-    return _columns(blocks) + ([["edge"]] if p.partial > 1 else [])
 
 
 def _weighted(parts: Sequence[Tensor], weights: Sequence[Tensor], E: int) -> Tensor:
@@ -365,16 +369,15 @@ def _repeat(xs: Sequence[Tensor], per: int) -> Tensor:
 
 
 def batched_cell(
-    cell: nn.Module, s0: Tensor, s1: Tensor, weights: Tensor, edge_weights: Tensor | None = None
+    cell: nn.Module, p: Plan, s0: Tensor, s1: Tensor, weights: Tensor, edge_weights: Tensor | None = None
 ) -> Tensor:
     """The forward of a :class:`~fastdarts.nn.cell.Cell` (same arguments, same result) with its edges batched by
-    the states they read; the cell must have a :func:`plan`.
+    the states they read, by its plan ``p`` (:func:`batched_plan`).
 
     With partial channels (PC-DARTS' K) each group's candidates run on the first C / K channels of its states, and
     the group's mixed outputs join the rest of the channels (2x2 max-pooled at stride 2) and are shuffled as
     :func:`fastdarts.ops.partial_channel` does, for all its edges at once; the edge weights multiply after that.
     """
-    p = plan(cell)
     recompute = (
         getattr(cell, "recompute_edges", False) and torch._C._functorch.peek_interpreter_stack() is None
     )
@@ -386,11 +389,11 @@ def batched_cell(
     last = edge_weights[:, None] if edge_weights is not None and p.partial > 1 else w.new_ones(w.shape[0], 1)
     flat = torch.cat([w, last], 1).view(-1)
     gathered = iter(flat[_index(p, K, w.device)].split(
-        [len(c) * len(g.edges) for g, b in zip(p.groups, p.blocks) for c in _parts(p, b)]
+        [len(c) * len(g.edges) for g, parts in zip(p.groups, p.parts) for c in parts]
     ))  # fmt: skip
     counters: list[Tensor] = []
     pending = None  # the sums of the nodes not yet complete, [B, n, C, H, W]
-    for group, blocks in zip(p.groups, p.blocks):
+    for group, blocks, part_columns in zip(p.groups, p.blocks, p.parts):
         E, sources = len(group.edges), group.sources
         per = E // len(sources)
         xs = [states[j] for j in sources]
@@ -399,7 +402,9 @@ def batched_cell(
         if p.partial > 1:
             xs = [s[:, :c] for s in xs]
         x = _repeat(xs, per)
-        ws = [next(gathered) for _ in _columns(blocks)]
+        ws = [
+            next(gathered) for columns in part_columns if columns != ["edge"]
+        ]  # (edge weights: further down)
         own = len(ws) - len(blocks.modules)  # the weights of the batched blocks, then of each module column
         out, Ho, Wo = None, None, None
         if own:
@@ -413,11 +418,11 @@ def batched_cell(
                 "batch" if not bns or bns[0].running_mean is None else "train" if cell.training else "eval"
             )
 
-            def mixed(x, params, frozen, *ws, blocks=blocks, chunks=chunks, trained=trained, E=E,
-                      stride=group.stride, stats=stats):  # fmt: skip
+            def run_blocks(x, params, frozen, *ws, blocks=blocks, chunks=chunks, trained=trained, E=E,
+                           stride=group.stride, stats=stats):  # fmt: skip
                 """The group's batched blocks, weighted: a function of its arguments alone (recompute_edges)."""
-                sides = {g: iter(_split(flat, [c for c, t in zip(chunks, trained) if t == g]))
-                         for g, flat in ((True, params), (False, frozen))}  # fmt: skip
+                sides = {g: iter(_split(cat, [c for c, t in zip(chunks, trained) if t == g]))
+                         for g, cat in ((True, params), (False, frozen))}  # fmt: skip
                 views = iter([next(sides[g]) for g in trained])
                 parts = _group(x, views, E, stride, blocks, counters, stats) + (
                     [x] if blocks.identity else []
@@ -427,10 +432,10 @@ def batched_cell(
             if recompute:  # keep only the arguments for the backward, which runs the group's forward again
                 # (no random numbers in a group: no RNG state to save, which a CUDA graph capture would refuse)
                 out, Ho, Wo = checkpoint(
-                    mixed, x, *params, *ws[:own], use_reentrant=False, preserve_rng_state=False
+                    run_blocks, x, *params, *ws[:own], use_reentrant=False, preserve_rng_state=False
                 )
             else:
-                out, Ho, Wo = mixed(x, *params, *ws[:own])
+                out, Ho, Wo = run_blocks(x, *params, *ws[:own])
         for (_, mods), wk in zip(blocks.modules, ws[own:]):  # candidates of other kinds, each on its own edge
             t = torch.cat([m(xs[e // per]) for e, m in enumerate(mods)], 1)
             Ho, Wo = t.shape[2:]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fastdarts.nn.batched import batched_cell, batched_cell_applies
+from fastdarts.nn.batched import batched_cell, batched_plan
 from fastdarts.nn.edge import mixed_edge, mixed_edge_applies
 from fastdarts.nn.operations import OPS, FactorizedReduce, PoolBN, ReLUConvBN
 from fastdarts.ops import mixed_op, partial_channel
@@ -150,8 +150,9 @@ class Cell(nn.Module):
     def forward(self, s0: Tensor, s1: Tensor, weights: Tensor, edge_weights: Tensor | None = None) -> Tensor:
         """s0, s1: the two previous cells' outputs; weights: [num_edges, K] softmaxed alphas; edge_weights:
         optional [num_edges] multipliers of the edges (PC-DARTS' edge normalisation)."""
-        if batched_cell_applies(self, s1):
-            return batched_cell(self, s0, s1, weights, edge_weights)
+        plan = batched_plan(self, s1)
+        if plan is not None:
+            return batched_cell(self, plan, s0, s1, weights, edge_weights)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self._steps):
