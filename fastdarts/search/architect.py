@@ -137,6 +137,7 @@ class Architect:
         self.model = model
         self.config = config or ArchitectConfig()
         self._named_weights = list(model.named_weight_parameters())
+        self._buffer_names = [n for n, _ in model.named_buffers()]  # (names only: .to() replaces the tensors)
         self.network_momentum = network_momentum
         self.network_weight_decay = network_weight_decay
         self.optimizer = torch.optim.Adam(
@@ -279,7 +280,7 @@ class Architect:
             names = self._weights()[0]
             # No running statistics: under vmap they would be one state for two passes (the sequential passes
             # move them, and the caller puts them back: the same end state).
-            stats = {n: None for n, _ in self.model.named_buffers()}
+            stats = dict.fromkeys(self._buffer_names)
 
             def loss_at(ws):
                 logits = functional_call(self.model, (dict(zip(names, ws)), stats), (x,))
