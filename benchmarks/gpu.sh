@@ -2,13 +2,15 @@
 # The GPU checks in one command, on a machine with a CUDA GPU, torch (>= 2.11), pytest and ninja installed; no
 # network needed. Builds fastdarts._C with its CUDA kernels (incrementally: build/ keeps the objects), then
 #
-#   bash benchmarks/gpu.sh test [pytest args]    # the test suite, every op test on the CPU and on CUDA
-#   bash benchmarks/gpu.sh bench [suite args]    # python -m benchmarks.run (results to benchmarks/results/, or to
-#                                                # $OUT/suite.json when OUT is set)
+#   bash benchmarks/gpu.sh test [pytest args]    # the test suite, every op test on the CPU and on CUDA (in 8
+#                                                # processes where pytest-xdist is installed)
+#   bash benchmarks/gpu.sh bench [suite args]    # python -m benchmarks.run (results to benchmarks/results/,
+#                                                # copied to $OUT too when OUT is set)
 #   bash benchmarks/gpu.sh all                   # both
 #
 # The whole suite takes longer than 10 minutes (an estimate: it has not run on a GPU yet). Where a command has a
-# time limit, split it, the headline figures first, and collect the parts in one file with --merge:
+# time limit, split it, the headline figures first; --merge keeps the cases of the results file that a run does
+# not measure, so the parts collect in one file when each part starts from the file the last one wrote:
 #   bash benchmarks/gpu.sh bench --only 'step/cifar-b64/*,hvp/*,agreement*'
 #   bash benchmarks/gpu.sh bench --only 'step/cifar-b256/*,step/pcdarts*,op/*' --merge
 #   bash benchmarks/gpu.sh bench --only 'step/imagenet*,compat/*' --merge
@@ -34,8 +36,16 @@ FASTDARTS_FORCE_CUDA=1 python3 -m pip install -q --no-deps --no-build-isolation 
 python3 -c "import json, fastdarts; print(json.dumps(fastdarts.info(), indent=1))"
 
 if [[ $mode != bench ]]; then
-    python3 -m pytest -q -ra tests "$@"
+    if python3 -c "import xdist" 2>/dev/null; then  # 8 processes of 2 threads each on the one GPU
+        OMP_NUM_THREADS=2 python3 -m pytest -q -ra -n 8 tests "$@"
+    else
+        python3 -m pytest -q -ra tests "$@"
+    fi
 fi
 if [[ $mode != test ]]; then
-    python3 -m benchmarks.run ${OUT:+--out "$OUT/suite.json"} "$@"
+    stamp=$(mktemp)
+    python3 -m benchmarks.run "$@"
+    if [[ -n ${OUT:-} ]]; then  # a folder whose files come back (the device tool's)
+        find benchmarks/results -newer "$stamp" -name '*.json' -exec cp {} "$OUT"/ \;
+    fi
 fi
