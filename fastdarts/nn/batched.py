@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +86,23 @@ class Blocks:
         bns = [u[0][2] for _, units in self.units for u in units]
         bns += [bn for _, _, bns_ in self.pools for bn in bns_]
         return bns + [m.bn for _, mods in self.factorized for m in mods]
+
+    # Read every forward, so kept once the blocks are built (the modules stay while the plan does): the buffer
+    # dicts of each BatchNorm call, and where each parameter of :func:`_chunks` lives. Read through their modules'
+    # dicts, not attribute lookups (~1 us each through nn.Module.__getattr__, thousands a forward), and as they
+    # are at each call, which torch.func.functional_call may have swapped.
+
+    @cached_property
+    def first_batch_norms(self) -> tuple[nn.BatchNorm2d | None, nn.BatchNorm2d | None]:
+        return tuple(next(iter(self.batch_norms(unit)), None) for unit in (0, 1))
+
+    @cached_property
+    def buffers(self) -> tuple[list[dict], list[dict]]:
+        return tuple([bn._buffers for bn in self.batch_norms(unit)] for unit in (0, 1))
+
+    @cached_property
+    def refs(self) -> list[list[tuple[dict, str]]]:
+        return _chunks(self)
 
 
 @dataclass
@@ -193,10 +212,11 @@ def _build(cell: nn.Module) -> Plan | None:
     return Plan(groups, all_blocks, edges[0].groups if partial else 1)
 
 
-def _signature(containers: list[dict]) -> tuple:
-    """The identities of every submodule, read from the module dicts that hold them: a module swapped anywhere in
-    the cell changes it (~40 us for a DARTS cell, where walking ``cell.modules()`` takes ~550 us)."""
-    return tuple(id(m) for d in containers for m in d.values())
+def _signature(containers: list[dict]) -> list:
+    """Every submodule, read from the module dicts that hold them: a module swapped anywhere in the cell changes
+    it, and two signatures compare by identity (~10 us for a DARTS cell, where walking ``cell.modules()`` takes
+    ~550 us)."""
+    return list(chain.from_iterable(map(dict.values, containers)))
 
 
 def batched_plan(cell: nn.Module, x: Tensor) -> Plan | None:
@@ -211,7 +231,7 @@ def batched_plan(cell: nn.Module, x: Tensor) -> Plan | None:
 
 def _flatten(chunks: Sequence[Sequence[Tensor]]) -> Tensor | None:
     """Every chunk's tensors flattened and concatenated, in order (one copy), for :func:`_split`; None for none."""
-    return torch.cat([t.reshape(-1) for chunk in chunks for t in chunk]) if chunks else None
+    return torch.cat(list(map(torch.flatten, chain.from_iterable(chunks)))) if chunks else None
 
 
 def _split(flat: Tensor | None, chunks: Sequence[Sequence[Tensor]]) -> list[Tensor]:
@@ -225,26 +245,31 @@ def _split(flat: Tensor | None, chunks: Sequence[Sequence[Tensor]]) -> list[Tens
 
 
 def _batch_norm(
-    z: Tensor, bns: Sequence[nn.BatchNorm2d], affine: Sequence[Tensor], counters: list, stats: str
+    z: Tensor,
+    bn: nn.BatchNorm2d,
+    buffers: Sequence[dict],
+    affine: Sequence[Tensor],
+    counters: list,
+    stats: str,
 ) -> Tensor:
-    """BatchNorm of z [B, N, H, W], channel blocks by their own BatchNorms ``bns``, their running statistics
-    gathered into one tensor. stats: "train" (batch statistics; the running ones updated in the gathered tensor and
+    """BatchNorm of z [B, N, H, W], channel blocks by their own BatchNorms (their ``buffers`` dicts; ``bn`` the
+    first, for the settings they share), their running statistics gathered into one tensor. stats: "train" (batch statistics; the running ones updated in the gathered tensor and
     copied back with one multi-tensor copy, except when a backward recomputes the forward), "eval" (the running
     statistics) or "batch" (batch statistics, the running ones None, as inside ``torch.func.functional_call`` with
     them left out); decided at the forward, since a recomputation runs outside a functional_call's swap. affine:
     the gathered (weight, bias), or empty."""
     weight, bias = affine if affine else (None, None)
     if stats == "batch":
-        return F.batch_norm(z, None, None, weight, bias, True, bns[0].momentum, bns[0].eps)
-    running = [b.running_mean for b in bns] + [b.running_var for b in bns]
+        return F.batch_norm(z, None, None, weight, bias, True, bn.momentum, bn.eps)
+    running = [d["running_mean"] for d in buffers] + [d["running_var"] for d in buffers]
     both = torch.cat(running)
     mean, var = both.split(both.numel() // 2)
     training = stats == "train"
-    y = F.batch_norm(z, mean, var, weight, bias, training, bns[0].momentum, bns[0].eps)
+    y = F.batch_norm(z, mean, var, weight, bias, training, bn.momentum, bn.eps)
     if training and torch._C._current_graph_task_id() == -1:  # (not a backward's recomputation: kept)
         with torch.no_grad():
             torch._foreach_copy_(running, list(both.split([s.numel() for s in running])))
-        counters.extend(b.num_batches_tracked for b in bns if b.num_batches_tracked is not None)
+        counters.extend(d["num_batches_tracked"] for d in buffers)
     return y
 
 
@@ -270,22 +295,27 @@ def _convs(h: Tensor, convs: list[tuple], unit: int, EC: int, params) -> Tensor:
     return F.conv2d(d, next(params), None, 1, 0, 1, len(convs) * E)
 
 
-def _conv_chunks(convs: list[tuple], unit: int) -> list[list[Tensor]]:
+def _weights(mods: Sequence[nn.Module], name: str = "weight") -> list[tuple[dict, str]]:
+    return [(m._parameters, name) for m in mods]
+
+
+def _conv_chunks(convs: list[tuple], unit: int) -> list[list[tuple[dict, str]]]:
     """The parameters of unit ``unit`` of the blocks ``convs`` as :func:`_convs` reads them."""
-    chunks = [[u[unit][0].weight for u in units] for _, units in convs]
-    return chunks + [[u[unit][1].weight for _, units in convs for u in units]]
+    chunks = [_weights([u[unit][0] for u in units]) for _, units in convs]
+    return chunks + [_weights([u[unit][1] for _, units in convs for u in units])]
 
 
-def _affine_chunks(bns: list[nn.BatchNorm2d]) -> list[list[Tensor]]:
-    return [[b.weight for b in bns], [b.bias for b in bns]] if bns and bns[0].affine else []
+def _affine_chunks(bns: list[nn.BatchNorm2d]) -> list[list[tuple[dict, str]]]:
+    return [_weights(bns), _weights(bns, "bias")] if bns and bns[0].affine else []
 
 
-def _chunks(blocks: Blocks) -> list[list[Tensor]]:
-    """Every parameter a group reads, in the order :func:`_group` takes them, as the chunks of :func:`_split`."""
+def _chunks(blocks: Blocks) -> list[list[tuple[dict, str]]]:
+    """Where every parameter a group reads lives (its module's parameter dict and its name), in the order
+    :func:`_group` takes them, as the chunks of :func:`_split`."""
     second = blocks.second()
     chunks = _conv_chunks(blocks.units, 0) if blocks.units else []
     for _, mods in blocks.factorized:
-        chunks += [[m.conv_1.weight for m in mods], [m.conv_2.weight for m in mods]]
+        chunks += [_weights([m.conv_1 for m in mods]), _weights([m.conv_2 for m in mods])]
     chunks += _affine_chunks(blocks.batch_norms(0))
     return chunks + (_conv_chunks(second, 1) if second else []) + _affine_chunks(blocks.batch_norms(1))
 
@@ -300,7 +330,7 @@ def _group(
     B, EC = x.shape[:2]
     C = EC // E
     second = blocks.second()
-    bn0, bn1 = blocks.batch_norms(0), blocks.batch_norms(1)
+    (bn0, bn1), (buffers0, buffers1) = blocks.first_batch_norms, blocks.buffers
     r = torch.relu(x) if blocks.units or blocks.factorized else None
     normalised = [_convs(r, blocks.units, 0, EC, params)] if blocks.units else []
     for _, (kind, _), _ in blocks.pools:
@@ -314,14 +344,14 @@ def _group(
     if not normalised:
         return []
     z = normalised[0] if len(normalised) == 1 else torch.cat(normalised, 1)
-    z = _batch_norm(z, bn0, (next(params), next(params)) if bn0[0].affine else (), counters, stats)
+    z = _batch_norm(z, bn0, buffers0, (next(params), next(params)) if bn0.affine else (), counters, stats)
     if not second:
         return [z]
     # the separable convolutions' second units, on their first units' normalised outputs, which lead z: split
     # off (its backward is one concatenation) and not weighted
     first, rest = z.split([len(second) * EC, z.shape[1] - len(second) * EC], 1)
     p = _convs(torch.relu(first), second, 1, EC, params)
-    z2 = _batch_norm(p, bn1, (next(params), next(params)) if bn1[0].affine else (), counters, stats)
+    z2 = _batch_norm(p, bn1, buffers1, (next(params), next(params)) if bn1.affine else (), counters, stats)
     return ([rest] if rest.shape[1] else []) + [z2]
 
 
@@ -408,15 +438,16 @@ def batched_cell(
         own = len(ws) - len(blocks.modules)  # the weights of the batched blocks, then of each module column
         out, Ho, Wo = None, None, None
         if own:
-            chunks = _chunks(blocks)
+            chunks = [[d[name] for d, name in refs] for refs in blocks.refs]
             # trained and frozen parameters (RF-DARTS' convolutions) in two concatenations, so that no frozen
             # weight's gradient is computed
             trained = [any(t.requires_grad for t in chunk) for chunk in chunks]
             params = [_flatten([c for c, g in zip(chunks, trained) if g == side]) for side in (True, False)]
-            bns = blocks.batch_norms(0) + blocks.batch_norms(1)
+            buffers = blocks.buffers[0] + blocks.buffers[1]
             stats = (
-                "batch" if not bns or bns[0].running_mean is None else "train" if cell.training else "eval"
-            )
+                "batch" if not buffers or buffers[0]["running_mean"] is None
+                else "train" if cell.training else "eval"
+            )  # fmt: skip
 
             def run_blocks(x, params, frozen, *ws, blocks=blocks, chunks=chunks, trained=trained, E=E,
                            stride=group.stride, stats=stats):  # fmt: skip
