@@ -33,8 +33,9 @@ search: install
 lint: install
 	$(BIN)/ruff check fastdarts tests benchmarks
 
+# one test process per core (pytest-xdist), each on one thread
 test: lint
-	$(BIN)/python -m pytest -q -ra
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -n auto
 
 bench: install
 	$(BIN)/python -m pytest benchmarks -q
