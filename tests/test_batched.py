@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.run import aten_calls
-from fastdarts.nn import batched
+from fastdarts.nn import SearchNetwork, batched
 from fastdarts.search import Architect, ArchitectConfig
 from tests.conftest import DEVICES
 from tests.helpers import batch, tiny_network
@@ -144,6 +144,25 @@ def test_runs_edge_by_edge_where_it_does_not_apply():
     assert (
         batched.batched_plan(other.cells[0], x.cuda() if torch.cuda.is_available() else x) is not None
     ) == (torch.cuda.is_available())
+
+
+@pytest.mark.parametrize("variant", [{}, PCDARTS], ids=["darts", "pcdarts"])
+def test_on_a_gpu_the_forward_runs_batched(monkeypatch, variant):
+    # a supernet built and run on a CUDA device, traced with fake tensors (shapes and dispatch, no GPU needed):
+    # the auto rule picks the batched cells in training and evaluation, and their CUDA path traces
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import fastdarts.nn.cell as cell_module
+
+    calls = []
+    monkeypatch.setattr(cell_module, "batched_cell", lambda *a: calls.append(1) or batched.batched_cell(*a))
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
+        model = SearchNetwork(4, 5, 3, **variant)
+        x, y = torch.empty(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
+        loss = model.loss(x, y)
+        logits = model.eval()(x)
+    assert loss.device.type == "cuda" and loss.shape == () and logits.shape == (2, 5)
+    assert len(calls) == 2 * len(model.cells)
 
 
 def _calls(model, x, y) -> tuple[int, int]:
