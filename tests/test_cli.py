@@ -40,6 +40,7 @@ def test_search_prints_genotype_and_writes_files(tmp_path, capsys):
             "not a multiple of partial",
         ),
         (["search", "--space", "darts-imagenet", "--out", "x"], "image size 8 is halved at an odd size"),
+        (["search", "--cuda-graphs", "--device", "cpu", "--out", "x"], "cuda_graphs needs a CUDA device"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_status_2(tmp_path, args, message):

@@ -16,6 +16,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 def test_cuda_graphs_on_a_cpu_device_is_refused():
     with pytest.raises(UsageError, match="cuda_graphs needs a CUDA device, but device 'cpu' is cpu"):
         SearchConfig(cuda_graphs=True, device="cpu").resolve_device()
+    if not torch.cuda.is_available():  # the default device, auto, is the CPU here
+        with pytest.raises(UsageError, match="cuda_graphs needs a CUDA device, but device 'auto' is cpu"):
+            SearchConfig(cuda_graphs=True).resolve_device()
 
 
 def _toy(seed=0):

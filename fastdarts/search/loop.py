@@ -132,10 +132,10 @@ class SearchConfig:
 
     def resolve_device(self) -> torch.device:
         """The torch device this run uses."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            device = torch.device(self.device)
+            device = torch.device(
+                ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+            )
         except RuntimeError as e:
             raise UsageError(f"unknown device {self.device!r}, expected auto, cpu, cuda or cuda:N") from e
         if device.type == "cuda" and not torch.cuda.is_available():
