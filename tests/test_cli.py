@@ -41,9 +41,13 @@ def test_search_prints_genotype_and_writes_files(tmp_path, capsys):
         ),
         (["search", "--space", "darts-imagenet", "--out", "x"], "image size 8 is halved at an odd size"),
         (["search", "--cuda-graphs", "--device", "cpu", "--out", "x"], "cuda_graphs needs a CUDA device"),
+        (["search", "--seed", "-5", "--out", "x"], "seed must be a whole number in [0, 2**32), got -5"),
+        (["search", "--out", "afile/x"], "output folder 'afile/x' cannot be made: Not a directory"),
+        (["search", "--out", "afile"], "output folder 'afile' cannot be made: File exists"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_status_2(tmp_path, args, message):
+    (tmp_path / "afile").write_text("")  # (a file where a folder is expected)
     result = _run(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

@@ -104,6 +104,8 @@ class SearchConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise UsageError(f"{field} must be a whole number >= 1, got {value!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise UsageError(f"seed must be a whole number in [0, 2**32), got {self.seed!r}")
         if not isinstance(self.arch_warmup_epochs, int) or self.arch_warmup_epochs < 0:
             raise UsageError(
                 f"arch_warmup_epochs must be a whole number >= 0, got {self.arch_warmup_epochs!r}"
@@ -501,8 +503,13 @@ def run_search(
         if path is None:
             raise UsageError("resuming needs the output folder that holds the checkpoint")
         ckpt = load_checkpoint(path)
-    elif path is not None and path.exists():
-        raise UsageError(f"{path} exists; pass --resume to continue that search or choose another --out")
+    elif path is not None:
+        if path.exists():
+            raise UsageError(f"{path} exists; pass --resume to continue that search or choose another --out")
+        try:  # made now, not after the first epoch
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"output folder {str(out_dir)!r} cannot be made: {e.strerror}") from e
     search = Search(config, out_dir)
     if ckpt is not None:
         search.load_state_dict(ckpt)
