@@ -102,6 +102,14 @@ def test_bad_network_sizes_are_rejected():
         SearchNetwork(4, 10, 0)
 
 
+def test_an_input_halved_at_an_odd_size_is_refused_naming_it():
+    model = tiny_network()  # reductions at cells 1 and 2
+    assert model(torch.randn(2, 3, 12, 8)).shape == (2, 5)
+    for shape, size in [((2, 3, 6, 8), 6), ((2, 3, 8, 10), 10), ((2, 3, 3, 3), 3)]:
+        with pytest.raises(fastdarts.UsageError, match=f"image size {size} is halved at an odd size"):
+            model(torch.randn(*shape))
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_partial_mixed_op_is_the_pcdarts_formula(stride):
     # PC-DARTS by hand: candidates on the first C/K channels, the rest passed by (max-pooled at stride 2), shuffled

@@ -8,8 +8,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdarts.errors import UsageError
 from fastdarts.nn.cell import Cell
 from fastdarts.spaces import DARTS, SearchSpace
+
+
+def check_image_size(space: SearchSpace, layers: int, image_size: int) -> None:
+    """Refuses an image side length that the supernet would halve at an odd size: a reduction cell's input (the
+    next cell's FactorizedReduce and the 2x2 max pool of partial channels halve it) and, with the ImageNet stem,
+    stem0's output (the first cell's FactorizedReduce)."""
+    size, halved = image_size, []
+    if space.stem == "imagenet":
+        size = -(-size // 4)  # stem0: two 3x3 stride-2 convolutions with padding 1
+        halved.append(size)
+        size = -(-size // 2)  # stem1
+    reductions = space.reduction_layers(layers)
+    for _ in reductions:
+        halved.append(size)
+        size = -(-size // 2)
+    if any(n % 2 for n in halved):
+        multiple = 2 ** (len(reductions) + (3 if space.stem == "imagenet" else 0))
+        raise UsageError(
+            f"image size {image_size} is halved at an odd size in space {space.name!r} (sizes halved: "
+            f"{', '.join(map(str, halved))}); use an image size divisible by {multiple}"
+        )
 
 
 class SearchNetwork(nn.Module):
@@ -56,6 +78,7 @@ class SearchNetwork(nn.Module):
             )
         self.space = space
         self._layers = layers
+        self._checked_size = None  # the last input size checked by forward
         self.partial_channels = partial_channels
         self.edge_normalization = edge_normalization
         C_curr = space.stem_multiplier * C
@@ -149,7 +172,12 @@ class SearchNetwork(nn.Module):
             return self.edge_weights(self.betas_normal), self.edge_weights(self.betas_reduce)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: [B, in_channels, H, W] -> logits [B, num_classes]."""
+        """x: [B, in_channels, H, W] -> logits [B, num_classes]; H and W as :func:`check_image_size` says (checked
+        once per size)."""
+        if x.shape[-2:] != self._checked_size and not torch.compiler.is_compiling():
+            for n in x.shape[-2:]:
+                check_image_size(self.space, self._layers, n)
+            self._checked_size = x.shape[-2:]
         weights = self.cell_weights()
         if self.space.stem == "imagenet":
             s0 = self.stem0(x)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from fastdarts.data import DATASETS, Loader, load_search_data
 from fastdarts.errors import UsageError
 from fastdarts.nn import SearchNetwork
+from fastdarts.nn.network import check_image_size
 from fastdarts.search.algorithms import ALGORITHMS, freeze_random_features
 from fastdarts.search.architect import HVP_MODES, ORDERS, Architect, ArchitectConfig
 from fastdarts.search.checkpoint import load_checkpoint, save_atomic
@@ -182,27 +183,6 @@ BatchHook = Callable[[int, int, int, float, float], None]
 EpochHook = Callable[[EpochRecord], None]
 
 
-def _check_image_size(space, layers: int, image_size: int) -> None:
-    """Every size that gets halved must be even: a reduction cell's input (the next cell's FactorizedReduce and the
-    2x2 max pool of partial channels halve it) and, with the ImageNet stem, stem0's output (the first cell's
-    FactorizedReduce)."""
-    size, halved = image_size, []
-    if space.stem == "imagenet":
-        size = -(-size // 4)  # stem0: two 3x3 stride-2 convolutions with padding 1
-        halved.append(size)
-        size = -(-size // 2)  # stem1
-    reductions = space.reduction_layers(layers)
-    for _ in reductions:
-        halved.append(size)
-        size = -(-size // 2)
-    if any(n % 2 for n in halved):
-        multiple = 2 ** (len(reductions) + (3 if space.stem == "imagenet" else 0))
-        raise UsageError(
-            f"image size {image_size} is halved at an odd size in space {space.name!r} (sizes halved: "
-            f"{', '.join(map(str, halved))}); use an image size divisible by {multiple}"
-        )
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -258,7 +238,7 @@ class Search:
             config.data, data_dir=config.data_dir, batch_size=config.batch_size, seed=config.seed,
             train_portion=config.train_portion, image_size=config.image_size, workers=config.workers,
         )  # fmt: skip
-        _check_image_size(self.space, config.layers, self.data.image_size)
+        check_image_size(self.space, config.layers, self.data.image_size)
         K = config.resolve_partial_channels()
         self.model = SearchNetwork(
             config.init_channels, self.data.num_classes, config.layers, self.space, self.data.in_channels,
