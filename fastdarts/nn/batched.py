@@ -253,11 +253,11 @@ def _batch_norm(
     stats: str,
 ) -> Tensor:
     """BatchNorm of z [B, N, H, W], channel blocks by their own BatchNorms (their ``buffers`` dicts; ``bn`` the
-    first, for the settings they share), their running statistics gathered into one tensor. stats: "train" (batch statistics; the running ones updated in the gathered tensor and
-    copied back with one multi-tensor copy, except when a backward recomputes the forward), "eval" (the running
-    statistics) or "batch" (batch statistics, the running ones None, as inside ``torch.func.functional_call`` with
-    them left out); decided at the forward, since a recomputation runs outside a functional_call's swap. affine:
-    the gathered (weight, bias), or empty."""
+    first, for the settings they share), their running statistics gathered into one tensor. stats: "train" (batch
+    statistics; the running ones updated in the gathered tensor and copied back with one multi-tensor copy, except
+    when a backward recomputes the forward), "eval" (the running statistics) or "batch" (batch statistics, the
+    running ones None, as inside ``torch.func.functional_call`` with them left out); decided at the forward, since
+    a recomputation runs outside a functional_call's swap. affine: the gathered (weight, bias), or empty."""
     weight, bias = affine if affine else (None, None)
     if stats == "batch":
         return F.batch_norm(z, None, None, weight, bias, True, bn.momentum, bn.eps)
@@ -269,7 +269,7 @@ def _batch_norm(
     if training and torch._C._current_graph_task_id() == -1:  # (not a backward's recomputation: kept)
         with torch.no_grad():
             torch._foreach_copy_(running, list(both.split([s.numel() for s in running])))
-        counters.extend(d["num_batches_tracked"] for d in buffers)
+        counters.extend(d["num_batches_tracked"] for d in buffers if d["num_batches_tracked"] is not None)
     return y
 
 
