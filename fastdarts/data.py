@@ -245,7 +245,11 @@ class _FolderHalf(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
         index, seed = key
         path, label = self._samples[index]
-        image = self._loader(path)
+        try:
+            image = self._loader(path)
+        except OSError as e:  # (PIL's UnidentifiedImageError is one)
+            raise UsageError(f"imagenet image '{path}' could not be read ({type(e).__name__}: {e}); "
+                             "expected an image file: remove or replace it") from e  # fmt: skip
         return self._transform(image, torch.Generator().manual_seed(seed)), label
 
 
@@ -273,7 +277,11 @@ class _FolderLoader(Loader):
             generator=torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g))),
             drop_last=False,
         )
-        yield from loader
+        try:
+            yield from loader
+        except UsageError as e:  # from a worker, re-raised here with the worker's traceback as its message,
+            # whose last line is the error's own one
+            raise UsageError(str(e).rstrip().rsplit("UsageError: ", 1)[-1]) from None
 
 
 # --------------------------------------------------------------------------------------------- the result

@@ -365,6 +365,19 @@ def test_imagenet_missing_data_raises(tmp_path: Path) -> None:
         load_search_data("imagenet", data_dir=tmp_path)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_imagenet_unreadable_image_raises_naming_it(tmp_path: Path, workers: int) -> None:
+    root = write_image_folder(tmp_path, per_class=2)
+    bad = root / "train" / "bee" / "9.jpg"
+    bad.write_bytes(b"not an image")
+    data = load_search_data("imagenet", data_dir=root, image_size=16, batch_size=8, workers=workers)
+    with pytest.raises(UsageError) as caught:
+        list(data.train) + list(data.val)
+    message = str(caught.value)
+    assert message.startswith(f"imagenet image '{bad}' could not be read (UnidentifiedImageError: ")
+    assert "\n" not in message and message.endswith("remove or replace it")
+
+
 # --------------------------------------------------------------------------------------------- bad arguments
 
 
