@@ -582,8 +582,19 @@ def main(argv: list[str] | None = None) -> int:
         "--plot", default=None, help="with --report: also draw the speed-ups into this SVG file"
     )
     args = parser.parse_args(argv)
+    for name, value, least in [
+        ("--warmup", args.warmup, 1),
+        ("--agreement-steps", args.agreement_steps, 1),
+        ("--min-time", args.min_time, 1e-9),
+        ("--compile-timeout", args.compile_timeout, 1),
+    ]:
+        if value is not None and not value >= least:
+            return _usage(f"{name} {value} is too small, expected at least {least:g}")
     if args.report:
-        results = json.loads(Path(args.report).read_text())
+        try:
+            results = json.loads(Path(args.report).read_text())
+        except (OSError, ValueError) as e:
+            return _usage(f"--report {args.report!r} is not a results file that can be read: {e}")
         print("\n".join(summary(results)))
         if args.plot:
             plot(results, Path(args.plot))
@@ -608,7 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     config = {k: v for k, v in vars(args).items() if k not in ("list", "report", "plot")}
     results = {"environment": environment(device), "config": config, "cases": {}}
     if args.merge and out.exists():  # a suite split over several commands: one file (the newest environment)
-        earlier = json.loads(out.read_text())
+        try:
+            earlier = json.loads(out.read_text())
+        except (OSError, ValueError) as e:
+            return _usage(f"--merge: {str(out)!r} is not a results file that can be read: {e}")
         results["cases"] = {n: r for n, r in earlier["cases"].items() if n not in selected}
         results["earlier"] = earlier.get("earlier", []) + [{"environment": earlier["environment"],
                                                               "config": earlier["config"]}]  # fmt: skip

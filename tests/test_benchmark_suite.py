@@ -107,7 +107,14 @@ def test_list_names_the_cases_without_running_them(capsys):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--device", "gpu0"], "'gpu0' is not a device"), (["--only", "step/mnist*"], "matches no case")]
+    [
+        (["--device", "gpu0"], "'gpu0' is not a device"),
+        (["--only", "step/mnist*"], "matches no case"),
+        (["--warmup", "0"], "--warmup 0 is too small, expected at least 1"),
+        (["--min-time", "-1"], "--min-time -1.0 is too small"),
+        (["--report", "nowhere.json"], "--report 'nowhere.json' is not a results file that can be read"),
+        (["--report", "README.md"], "--report 'README.md' is not a results file that can be read"),
+    ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device is available")]),
 )
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys, args, message):
