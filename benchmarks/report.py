@@ -33,5 +33,16 @@ def main(path: str) -> None:
         print(line + ("; " + ", ".join(floors) if floors else ""))
 
 
+def _usage(message: str) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) != 2:
+        _usage("usage: python benchmarks/report.py <pytest-benchmark JSON file>")
+    try:
+        main(sys.argv[1])
+    except (OSError, ValueError, KeyError) as e:
+        _usage(f"benchmarks/report.py: {sys.argv[1]!r} is not a pytest-benchmark JSON file that can be read: "
+               f"{type(e).__name__}: {e}")  # fmt: skip

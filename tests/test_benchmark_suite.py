@@ -1,7 +1,10 @@
 """The GPU benchmark suite (`python -m benchmarks.run`) runs end to end on tiny shapes, records what it measured
-with its environment, keeps going past a failing case, and answers bad input with one line and exit code 2."""
+with its environment, keeps going past a failing case, and answers bad input with one line and exit code 2; so
+does `benchmarks/report.py`, the ratios of a pytest-benchmark file."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -122,3 +125,16 @@ def test_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_report_prints_the_ratios_of_a_results_file_and_refuses_others():
+    script = [sys.executable, "benchmarks/report.py"]
+    good = subprocess.run([*script, "benchmarks/results/cpu-2core-epyc-torch2.14.1-compat-fused.json"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert good.returncode == 0 and "pcdarts search loop, first order" in good.stdout and "x" in good.stdout
+    bad = subprocess.run([*script, "README.md"], capture_output=True, text=True, check=False)
+    assert (
+        bad.returncode == 2
+        and bad.stderr.count("\n") == 1
+        and "'README.md' is not a pytest-benchmark" in bad.stderr
+    )
