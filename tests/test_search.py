@@ -121,8 +121,12 @@ def test_bad_config_values_are_named(field, value, message):
         SearchConfig(**{field: value})
 
 
-def test_architecture_steps_wait_for_the_warmup_epochs():
-    result = run_search(SearchConfig(epochs=2, arch_warmup_epochs=1, algo="pcdarts", **TINY))
+def test_architecture_steps_wait_for_the_warmup_epochs(caplog):
+    with caplog.at_level("WARNING", logger="fastdarts"):
+        result = run_search(SearchConfig(epochs=2, arch_warmup_epochs=1, algo="pcdarts", **TINY))
+        assert "no architecture step runs" not in caplog.text
+        Search(SearchConfig(epochs=2, arch_warmup_epochs=2, **TINY)).run(on_epoch=lambda record: None)
+        assert "arch_warmup_epochs 2 >= epochs 2: no architecture step runs" in caplog.text
     initial = Search(SearchConfig(epochs=2, algo="pcdarts", **TINY)).model.alphas_normal.detach()
     assert torch.equal(result.alphas_normal[0], initial)  # epoch 0: weight steps only
     assert not torch.equal(result.alphas_normal[1], initial)

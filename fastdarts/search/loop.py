@@ -355,6 +355,9 @@ class Search:
     def run(self, on_batch: BatchHook | None = None, on_epoch: EpochHook | None = None) -> SearchResult:
         """Run the remaining epochs, checkpointing after each; returns the final genotype and history."""
         log.info("search on %s from epoch %d: %s", self.device, self.epoch, dataclasses.asdict(self.config))
+        if self.config.arch_warmup_epochs >= self.config.epochs:
+            log.warning("arch_warmup_epochs %d >= epochs %d: no architecture step runs, the alphas stay at their "
+                        "initial values", self.config.arch_warmup_epochs, self.config.epochs)  # fmt: skip
         tracking = self.config.track_eigenvalue or self.config.early_stop == "eigenvalue"
         while self.epoch < self.config.epochs and self.stopped_at is None:
             lr = self.scheduler.get_last_lr()[0]
