@@ -54,10 +54,12 @@ def _check(weights: Sequence[Tensor], v: Sequence[Tensor], r: float, center: Seq
 
 def radius(v: Sequence[Tensor], r: float) -> Tensor:
     """eps = r / ||v|| (a 0-dim tensor on v's device), the norm over all tensors of v accumulated in fp32 (fp64 for
-    fp64): one multi-tensor norm, no concatenated copy of v."""
+    fp64): one multi-tensor norm, no concatenated copy of v. A zero v gives a finite eps (the norm is clamped to
+    the smallest normal number, without a host sync that a CUDA graph would refuse), so H v = 0 comes out as 0, not
+    0 / 0."""
     acc = torch.float64 if v[0].dtype == torch.float64 else torch.float32
     norms = torch._foreach_norm(v, 2, dtype=acc)
-    return r / torch.linalg.vector_norm(torch.stack(norms))
+    return r / torch.linalg.vector_norm(torch.stack(norms)).clamp_min(torch.finfo(acc).tiny)
 
 
 def fd_hvp(

@@ -120,6 +120,20 @@ def test_weights_end_bit_exactly_at_the_center(name):
     assert all(torch.equal(a, b) for a, b in zip(w, center))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", IMPLS)
+def test_a_zero_vector_gives_a_zero_product(name, dtype):
+    # eps = r / ||v|| would be r / 0 (NaN out): the product of the Hessian with 0 is 0, and the weights stay as
+    # they are. One side after the other, g(w) - g(w) is exactly 0; in one vmap pass the two sides' losses may
+    # round apart in the last bit, which the huge eps scales to below the smallest normal number.
+    w, alphas, v, loss, grad_at = _problem(dtype, "cpu")
+    before = [t.detach().clone() for t in w]
+    hvp = _impl(name, loss, alphas)(grad_at, w, [torch.zeros_like(t) for t in v])
+    bound = torch.finfo(hvp[0].dtype).tiny if name == "fd_hvp_batched" else 0.0
+    assert all(h.abs().max().item() <= bound for h in hvp)
+    assert all(torch.equal(a, b) for a, b in zip(w, before))
+
+
 @pytest.mark.parametrize("impl", [fd_hvp, fd_hvp_ref])
 def test_weights_are_put_back_when_a_pass_raises(impl):
     w, _, v, _, grad_at = _problem(torch.float32, "cpu")
