@@ -4,8 +4,8 @@
 #
 #   bash benchmarks/gpu.sh test [pytest args]    # the test suite, every op test on the CPU and on CUDA (in 8
 #                                                # processes where pytest-xdist is installed)
-#   bash benchmarks/gpu.sh bench [suite args]    # python -m benchmarks.run (results to benchmarks/results/,
-#                                                # copied to $OUT too when OUT is set)
+#   bash benchmarks/gpu.sh bench [suite args]    # python -m benchmarks.run (results to benchmarks/results/;
+#                                                # where OUT is set, to the same name in $OUT, then copied back)
 #   bash benchmarks/gpu.sh all                   # both
 #
 # The whole suite takes longer than 10 minutes (an estimate: it has not run on a GPU yet). Where a command has a
@@ -43,9 +43,13 @@ if [[ $mode != bench ]]; then
     fi
 fi
 if [[ $mode != test ]]; then
-    stamp=$(mktemp)
-    python3 -m benchmarks.run "$@"
-    if [[ -n ${OUT:-} ]]; then  # a folder whose files come back (the device tool's)
-        find benchmarks/results -newer "$stamp" -name '*.json' -exec cp {} "$OUT"/ \;
+    if [[ -n ${OUT:-} ]]; then  # a folder whose files come back (the device tool's), written after every case, so
+        # that a run stopped at a time limit still brings back what it measured; --merge starts from the repo's file
+        results=$(python3 -c "import torch; from benchmarks.run import _default_out as d; print(d(torch.device('cuda')))")
+        if [[ -f $results ]]; then cp "$results" "$OUT"/; fi
+        python3 -m benchmarks.run --out "$OUT/$(basename "$results")" "$@"
+        cp "$OUT/$(basename "$results")" "$results"
+    else
+        python3 -m benchmarks.run "$@"
     fi
 fi

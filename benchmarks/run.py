@@ -549,6 +549,10 @@ def _default_out(device: torch.device) -> Path:
     return RESULTS / f"{slug}-torch{torch.__version__.split('+')[0]}-suite.json"
 
 
+# what reading a file that is not a results file raises: not there, not JSON, JSON of another shape
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError)
+
+
 def _usage(message: str) -> int:
     print(f"benchmarks.run: {message}", file=sys.stderr)
     return 2
@@ -593,9 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         try:
             results = json.loads(Path(args.report).read_text())
-        except (OSError, ValueError) as e:
-            return _usage(f"--report {args.report!r} is not a results file that can be read: {e}")
-        print("\n".join(summary(results)))
+            table = summary(results)
+        except UNREADABLE as e:
+            return _usage(f"--report {args.report!r} is not a results file that can be read: {e!r}")
+        print("\n".join(table))
         if args.plot:
             plot(results, Path(args.plot))
         return 0
@@ -621,11 +626,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge and out.exists():  # a suite split over several commands: one file (the newest environment)
         try:
             earlier = json.loads(out.read_text())
-        except (OSError, ValueError) as e:
-            return _usage(f"--merge: {str(out)!r} is not a results file that can be read: {e}")
-        results["cases"] = {n: r for n, r in earlier["cases"].items() if n not in selected}
-        results["earlier"] = earlier.get("earlier", []) + [{"environment": earlier["environment"],
-                                                              "config": earlier["config"]}]  # fmt: skip
+            results["cases"] = {n: r for n, r in earlier["cases"].items() if n not in selected}
+            results["earlier"] = earlier.get("earlier", []) + [{"environment": earlier["environment"],
+                                                                  "config": earlier["config"]}]  # fmt: skip
+        except UNREADABLE as e:
+            return _usage(f"--merge: {str(out)!r} is not a results file that can be read: {e!r}")
         if "agreement" in earlier and not run_agreement:
             results["agreement"] = earlier["agreement"]
     for name, case in selected.items():

@@ -119,6 +119,27 @@ def test_the_plan_follows_replaced_modules():
     assert [k for k, _ in other.cells[0]._batched_plan.blocks[0].modules] == [4]
 
 
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_a_weight_parametrized_after_the_plan_is_computed_by_its_module():
+    # register_parametrization turns the weight into a computed one, which the batched candidates read
+    model, other = _pair()
+    x, y = batch(dtype=torch.float64)
+    other.loss(x, y)  # (the plans made)
+    for net in (model, other):
+        torch.nn.utils.parametrize.register_parametrization(
+            net.cells[0]._ops[3]._ops[4].op[1], "weight", _Doubled()
+        )
+    loss, grads = _run(model, x, y)
+    loss_b, grads_b = _run(other, x, y)
+    assert _rel(loss_b, loss) < 1e-10
+    assert max(_rel(grads_b[n], g) for n, g in grads.items() if g.abs().max() > 0) < 1e-10
+    assert other.cells[0]._batched_plan.blocks[0].modules == []  # (still batched)
+
+
 def test_eval_mode_uses_the_running_statistics_like_the_edges():
     model, other = _pair()
     x, y = batch(dtype=torch.float64)

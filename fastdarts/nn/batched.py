@@ -101,7 +101,7 @@ class Blocks:
         return tuple([bn._buffers for bn in self.batch_norms(unit)] for unit in (0, 1))
 
     @cached_property
-    def refs(self) -> list[list[tuple[dict, str]]]:
+    def refs(self) -> list[list[tuple[dict, str, nn.Module]]]:
         return _chunks(self)
 
 
@@ -214,7 +214,7 @@ def _build(cell: nn.Module) -> Plan | None:
 
 def _signature(containers: list[dict]) -> list:
     """Every submodule, read from the module dicts that hold them: a module swapped anywhere in the cell changes
-    it, and two signatures compare by identity (~10 us for a DARTS cell, where walking ``cell.modules()`` takes
+    it, and two signatures compare by identity (~40 us for a DARTS cell, where walking ``cell.modules()`` takes
     ~550 us)."""
     return list(chain.from_iterable(map(dict.values, containers)))
 
@@ -295,22 +295,22 @@ def _convs(h: Tensor, convs: list[tuple], unit: int, EC: int, params) -> Tensor:
     return F.conv2d(d, next(params), None, 1, 0, 1, len(convs) * E)
 
 
-def _weights(mods: Sequence[nn.Module], name: str = "weight") -> list[tuple[dict, str]]:
-    return [(m._parameters, name) for m in mods]
+def _weights(mods: Sequence[nn.Module], name: str = "weight") -> list[tuple[dict, str, nn.Module]]:
+    return [(m._parameters, name, m) for m in mods]
 
 
-def _conv_chunks(convs: list[tuple], unit: int) -> list[list[tuple[dict, str]]]:
+def _conv_chunks(convs: list[tuple], unit: int) -> list[list[tuple[dict, str, nn.Module]]]:
     """The parameters of unit ``unit`` of the blocks ``convs`` as :func:`_convs` reads them."""
     chunks = [_weights([u[unit][0] for u in units]) for _, units in convs]
     return chunks + [_weights([u[unit][1] for _, units in convs for u in units])]
 
 
-def _affine_chunks(bns: list[nn.BatchNorm2d]) -> list[list[tuple[dict, str]]]:
+def _affine_chunks(bns: list[nn.BatchNorm2d]) -> list[list[tuple[dict, str, nn.Module]]]:
     return [_weights(bns), _weights(bns, "bias")] if bns and bns[0].affine else []
 
 
-def _chunks(blocks: Blocks) -> list[list[tuple[dict, str]]]:
-    """Where every parameter a group reads lives (its module's parameter dict and its name), in the order
+def _chunks(blocks: Blocks) -> list[list[tuple[dict, str, nn.Module]]]:
+    """Where every parameter a group reads lives (its module's parameter dict, its name, the module), in the order
     :func:`_group` takes them, as the chunks of :func:`_split`."""
     second = blocks.second()
     chunks = _conv_chunks(blocks.units, 0) if blocks.units else []
@@ -438,7 +438,8 @@ def batched_cell(
         own = len(ws) - len(blocks.modules)  # the weights of the batched blocks, then of each module column
         out, Ho, Wo = None, None, None
         if own:
-            chunks = [[d[name] for d, name in refs] for refs in blocks.refs]
+            # (a weight that is not a parameter, as a parametrization's, is computed by its module)
+            chunks = [[d[n] if n in d else getattr(m, n) for d, n, m in refs] for refs in blocks.refs]
             # trained and frozen parameters (RF-DARTS' convolutions) in two concatenations, so that no frozen
             # weight's gradient is computed
             trained = [any(t.requires_grad for t in chunk) for chunk in chunks]

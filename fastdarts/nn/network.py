@@ -57,6 +57,8 @@ class SearchNetwork(nn.Module):
         edge_normalization: learn betas (PC-DARTS' edge normalisation).
     """
 
+    _checked_size = None  # the last input size forward checked (a class default: older pickles lack it)
+
     def __init__(
         self,
         C: int,
@@ -78,7 +80,6 @@ class SearchNetwork(nn.Module):
             )
         self.space = space
         self._layers = layers
-        self._checked_size = None  # the last input size checked by forward
         self.partial_channels = partial_channels
         self.edge_normalization = edge_normalization
         C_curr = space.stem_multiplier * C
@@ -174,7 +175,7 @@ class SearchNetwork(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, in_channels, H, W] -> logits [B, num_classes]; H and W as :func:`check_image_size` says (checked
         once per size)."""
-        if x.shape[-2:] != self._checked_size and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and x.shape[-2:] != self._checked_size:
             for n in x.shape[-2:]:
                 check_image_size(self.space, self._layers, n)
             self._checked_size = x.shape[-2:]

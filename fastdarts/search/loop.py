@@ -486,14 +486,14 @@ def run_search(
         if path is None:
             raise UsageError("resuming needs the output folder that holds the checkpoint")
         ckpt = load_checkpoint(path)
-    elif path is not None:
-        if path.exists():
-            raise UsageError(f"{path} exists; pass --resume to continue that search or choose another --out")
-        try:  # made now, not after the first epoch
+    elif path is not None and path.exists():
+        raise UsageError(f"{path} exists; pass --resume to continue that search or choose another --out")
+    search = Search(config, out_dir)
+    if path is not None:  # made before the first epoch, not after it (once the data and settings are checked)
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"output folder {str(out_dir)!r} cannot be made: {e.strerror}") from e
-    search = Search(config, out_dir)
     if ckpt is not None:
         search.load_state_dict(ckpt)
     result = search.run(on_batch, on_epoch)
