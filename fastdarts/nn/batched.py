@@ -444,9 +444,9 @@ def batched_cell(
             # weight's gradient is computed
             trained = [any(t.requires_grad for t in chunk) for chunk in chunks]
             params = [_flatten([c for c, g in zip(chunks, trained) if g == side]) for side in (True, False)]
-            buffers = blocks.buffers[0] + blocks.buffers[1]
+            bn = blocks.first_batch_norms[0] or blocks.first_batch_norms[1]
             stats = (
-                "batch" if not buffers or buffers[0]["running_mean"] is None
+                "batch" if bn is None or bn._buffers["running_mean"] is None
                 else "train" if cell.training else "eval"
             )  # fmt: skip
 
