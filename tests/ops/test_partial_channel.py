@@ -9,6 +9,11 @@ their own scale):
 The bypass and the shuffle move values without arithmetic, so they must be exact in every dtype (checked below).
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -250,6 +255,60 @@ def test_triton_kernels_match_the_reference(dtype, stride, shape):
             torch.testing.assert_close(a.cpu().double(), o.cpu(), rtol=2**-7, atol=1e-6, msg=name)
         else:
             assert_matches(a.cpu(), r.cpu(), o.cpu(), name, reduction_scale=o.abs().max().item())
+
+
+# Triton's interpreter runs a kernel's Python on NumPy arrays, so it accepts some code that the compiler refuses
+# (a type that is not a constexpr where one is needed, mismatched types in a tl.where, ...). This script, run in a
+# process without the interpreter, compiles every launch that forward and backward make, for each dtype and stride,
+# to machine code for an A100 (sm_80) and an H100 (sm_90); a stand-in driver names the GPU, and nothing runs.
+CROSS_COMPILE = """
+import json, torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+from fastdarts.ops._triton import partial_channel as kernels
+
+class Target:  # the driver calls a launch makes; the device number is the architecture (a binder per target)
+    def __init__(self, arch): self.arch = arch
+    def get_current_target(self): return GPUTarget("cuda", self.arch, 32)
+    def get_current_device(self): return self.arch
+    def get_current_stream(self, device=None): return 0
+
+launch, compiled = JITFunction.run, []
+def compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+    compiled.append([self.fn.__name__, arch, str(dtype), stride, len(kernel.asm["cubin"])])
+JITFunction.run = compile_only
+for arch in (80, 90):
+    driver.set_active(Target(arch))
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for stride in (1, 2):
+            x = torch.randn(2, 8, 8, 8, dtype=dtype)
+            xs = [torch.randn(2, 2, 8 // stride, 8 // stride, dtype=dtype) for _ in range(3)]
+            weights = torch.rand(3, dtype=dtype)
+            kernels.forward(xs, weights, x, 4, stride)
+            kernels.backward(torch.randn(2, 8, 8 // stride, 8 // stride, dtype=dtype), xs, weights, x, 4, stride)
+print(json.dumps(compiled))
+"""
+
+
+def test_triton_kernels_compile_for_a100_and_h100():
+    _triton_kernels()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", CROSS_COMPILE], check=False, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    compiled = json.loads(out.stdout.splitlines()[-1])
+    expected = {
+        (name, arch, str(dtype), stride)
+        for name in ("_forward_kernel", "_backward_kernel")
+        for arch in (80, 90)
+        for dtype in DTYPES
+        for stride in (1, 2)
+    }
+    assert {tuple(c[:4]) for c in compiled} == expected
+    assert all(size > 0 for *_, size in compiled), compiled
 
 
 def _flat(grads):
