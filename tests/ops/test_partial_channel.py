@@ -218,7 +218,10 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize(
-    "shape", [(2, 8, 6, 4, 4), (1, 6, 4, 2, 2), (2, 4, 2, 2, 1)], ids=lambda s: "x".join(map(str, s))
+    # the last: planes of several blocks, the last one partly masked
+    "shape",
+    [(2, 8, 6, 4, 4), (1, 6, 4, 2, 2), (2, 4, 2, 2, 1), (1, 4, 132, 34, 2)],
+    ids=lambda s: "x".join(map(str, s)),
 )
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -277,17 +280,18 @@ class Target:  # the driver calls a launch makes; the device number is the archi
 launch, compiled = JITFunction.run, []
 def compile_only(self, *args, grid, warmup, **kwargs):
     kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
-    compiled.append([self.fn.__name__, arch, str(dtype), stride, len(kernel.asm["cubin"])])
+    compiled.append([self.fn.__name__, arch, str(dtype), stride, size, len(kernel.asm["cubin"])])
 JITFunction.run = compile_only
 for arch in (80, 90):
     driver.set_active(Target(arch))
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        for stride in (1, 2):
-            x = torch.randn(2, 8, 8, 8, dtype=dtype)
-            xs = [torch.randn(2, 2, 8 // stride, 8 // stride, dtype=dtype) for _ in range(3)]
+        for stride, size in ((1, 8), (2, 8), (1, 32), (2, 32)):  # blocks of 64, 16 (64), 1024 and 256 pixels
+            x = torch.randn(2, 8, size, size, dtype=dtype)
+            out = (2, 2, size // stride, size // stride)
+            xs = [torch.randn(out, dtype=dtype) for _ in range(3)]
             weights = torch.rand(3, dtype=dtype)
             kernels.forward(xs, weights, x, 4, stride)
-            kernels.backward(torch.randn(2, 8, 8 // stride, 8 // stride, dtype=dtype), xs, weights, x, 4, stride)
+            kernels.backward(torch.randn(2, 8, *out[2:], dtype=dtype), xs, weights, x, 4, stride)
 print(json.dumps(compiled))
 """
 
@@ -301,13 +305,14 @@ def test_triton_kernels_compile_for_a100_and_h100():
     assert out.returncode == 0, out.stderr[-3000:]
     compiled = json.loads(out.stdout.splitlines()[-1])
     expected = {
-        (name, arch, str(dtype), stride)
+        (name, arch, str(dtype), stride, size)
         for name in ("_forward_kernel", "_backward_kernel")
         for arch in (80, 90)
         for dtype in DTYPES
         for stride in (1, 2)
+        for size in (8, 32)
     }
-    assert {tuple(c[:4]) for c in compiled} == expected
+    assert {tuple(c[:5]) for c in compiled} == expected
     assert all(size > 0 for *_, size in compiled), compiled
 
 

@@ -1,11 +1,12 @@
 """Triton kernels of partial_channel (see fastdarts/ops/partial_channel.py for the formula).
 
-One program per (output plane, block of BLOCK pixels): output channel ``o = i * groups + g`` of batch b is the
-weighted sum of the candidates' channel i (g == 0) or the bypass of x channel ``g * c + i`` (identity, or the 2x2
-max pool: the first maximum of the window in row-major order, NaN winning, as ATen's). The backward program of an
-output block writes every gradient that block owns: the candidates' gradients and a partial dot product per
-candidate (g == 0; summed on the host in a fixed order), and the input pixels under the block in grad_x (zero for
-the channels the candidates read, the bypass's gradient for the others). Accumulation in fp32 (fp64 for fp64).
+One program per (output plane, block of BLOCK pixels; BLOCK from the plane's size): output channel
+``o = i * groups + g`` of batch b is the weighted sum of the candidates' channel i (g == 0) or the bypass of x
+channel ``g * c + i`` (identity, or the 2x2 max pool: the first maximum of the window in row-major order, NaN
+winning, as ATen's). The backward program of an output block writes every gradient that block owns: the
+candidates' gradients and a partial dot product per candidate (g == 0; summed on the host in a fixed order), and
+the input pixels under the block in grad_x (zero for the channels the candidates read, the bypass's gradient for
+the others). Accumulation in fp32 (fp64 for fp64).
 """
 
 from collections.abc import Sequence
@@ -14,8 +15,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-BLOCK = 256
 
 
 @triton.jit
@@ -100,6 +99,14 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _blocks(P: int) -> tuple[int, int, int]:
+    """(BLOCK, blocks per plane, warps) for planes of P pixels: the plane rounded up to a power of two in [64, 1024],
+    128 pixels a warp (16-byte accesses in fp32), so that small planes (8x8 in the last DARTS cells) leave few lanes
+    masked and a large one is a few programs."""
+    block = min(1024, max(64, triton.next_power_of_2(P)))
+    return block, triton.cdiv(P, block), max(1, block // 128)
+
+
 def forward(xs: Sequence[Tensor], weights: Tensor, x: Tensor, groups: int, stride: int) -> Tensor:
     """The output [B, C, H / stride, W / stride] (inputs checked by the caller)."""
     xs = tuple(t.contiguous() for t in xs)
@@ -108,9 +115,10 @@ def forward(xs: Sequence[Tensor], weights: Tensor, x: Tensor, groups: int, strid
     Ho, Wo = H // stride, W // stride
     out = x.new_empty((B, C, Ho, Wo))
     if out.numel():
-        grid = (B * C, triton.cdiv(Ho * Wo, BLOCK))
-        _forward_kernel[grid](out, x, weights.contiguous(), xs, C, C // groups, Ho * Wo, Wo, W, GROUPS=groups,
-                              STRIDE=stride, K=len(xs), ACC=_acc(x.dtype), BLOCK=BLOCK)  # fmt: skip
+        block, blocks, warps = _blocks(Ho * Wo)
+        _forward_kernel[(B * C, blocks)](out, x, weights.contiguous(), xs, C, C // groups, Ho * Wo, Wo, W,
+                                         GROUPS=groups, STRIDE=stride, K=len(xs), ACC=_acc(x.dtype), BLOCK=block,
+                                         num_warps=warps)  # fmt: skip
     return out
 
 
@@ -124,13 +132,13 @@ def backward(
     c, Ho, Wo = C // groups, H // stride, W // stride
     grad_xs = tuple(torch.empty_like(t) for t in xs)
     grad_x = torch.empty_like(x)
-    blocks = triton.cdiv(Ho * Wo, BLOCK)
+    block, blocks, warps = _blocks(Ho * Wo)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.zeros((B * c, blocks, len(xs)), dtype=acc, device=x.device)
     if grad.numel():
         _backward_kernel[(B * C, blocks)](grad, x, weights.contiguous(), grad_x, partial, xs, grad_xs, C, c, Ho * Wo,
                                           Wo, W, GROUPS=groups, STRIDE=stride, K=len(xs), ACC=_acc(x.dtype),
-                                          BLOCK=BLOCK)  # fmt: skip
+                                          BLOCK=block, num_warps=warps)  # fmt: skip
     else:
         grad_x.zero_()
     return list(grad_xs), partial.sum((0, 1)).to(weights.dtype), grad_x
