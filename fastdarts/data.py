@@ -18,10 +18,10 @@ Datasets (:data:`DATASETS`):
 * ``digits``: scikit-learn's 1797 real 8x8 handwritten digits, shipped with scikit-learn (no download), held in
   memory, 1 channel, 10 classes.
 * ``cifar10``: the 50000 CIFAR-10 training images read from the python-version pickles, held in memory as uint8;
-  the weight half gets the DARTS train augmentation (4-pixel zero padding, random 32x32 crop, random horizontal
-  flip), applied to whole batches.
+  both halves get the DARTS train augmentation (4-pixel zero padding, random 32x32 crop, random horizontal
+  flip), applied to whole batches, as DARTS' two queues both read the augmented training set.
 * ``imagenet``: an ImageFolder tree (``train/<class>/<image>``) read by DataLoader workers, with
-  RandomResizedCrop + horizontal flip on the weight half and Resize + CenterCrop on the architecture half.
+  RandomResizedCrop + horizontal flip on both halves, as PC-DARTS' ImageNet search.
 
 Nothing is ever downloaded.
 """
@@ -375,8 +375,12 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         found = sorted(map(repr, batch)) if isinstance(batch, dict) else type(batch).__name__
         raise UsageError(f"cifar10 batch file '{path}' holds {found}; expected {expected}")
-    data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[b"labels"])
+    try:
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[b"labels"])
+    except (TypeError, ValueError) as e:  # ragged or non-numeric lists
+        raise UsageError(f"cifar10 batch file '{path}' has unreadable b'data' or b'labels' ({e}); "
+                         f"expected {expected}") from e  # fmt: skip
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise UsageError(
             f"cifar10 batch file '{path}' has b'data' {data.dtype} {list(data.shape)}; expected {expected}"
@@ -440,7 +444,7 @@ def _load_cifar10(
     normalize = _Normalize(CIFAR10_MEAN, CIFAR10_STD)
     return SearchData(
         train=_TensorLoader(x, y, train_idx, batch_size, seed, "train", normalize, _random_crop_flip),
-        val=_TensorLoader(x, y, val_idx, batch_size, seed, "val", normalize),
+        val=_TensorLoader(x, y, val_idx, batch_size, seed, "val", normalize, _random_crop_flip),
         in_channels=3,
         num_classes=10,
         image_size=32,
@@ -496,20 +500,6 @@ class _ImageNetTrainTransform:
         return tf.normalize(tf.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
 
 
-class _ImageNetEvalTransform:
-    """PIL image -> Resize(size * 256 / 224) + CenterCrop(size) + ToTensor + Normalize, ``[3, size, size]``."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-
-    def __call__(self, image: Image, g: torch.Generator) -> Tensor:
-        from torchvision.transforms import functional as tf
-
-        image = tf.resize(image, int(self._size * 256 / 224), antialias=True)
-        image = tf.center_crop(image, [self._size, self._size])
-        return tf.normalize(tf.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
-
-
 def _load_imagenet(
     data_dir: str | os.PathLike[str] | None,
     batch_size: int,
@@ -537,11 +527,10 @@ def _load_imagenet(
     except FileNotFoundError as e:  # no class folders, or a class folder without images
         raise UsageError(f"imagenet found no images in '{train_dir}' ({e}); expected {wanted}") from e
     train_idx, val_idx = _split(len(folder.samples), train_portion)
-    train_half = _FolderHalf(folder.samples, folder.loader, _ImageNetTrainTransform(image_size))
-    val_half = _FolderHalf(folder.samples, folder.loader, _ImageNetEvalTransform(image_size))
+    half = _FolderHalf(folder.samples, folder.loader, _ImageNetTrainTransform(image_size))
     return SearchData(
-        train=_FolderLoader(train_half, train_idx, batch_size, seed, "train", workers),
-        val=_FolderLoader(val_half, val_idx, batch_size, seed, "val", workers),
+        train=_FolderLoader(half, train_idx, batch_size, seed, "train", workers),
+        val=_FolderLoader(half, val_idx, batch_size, seed, "val", workers),
         in_channels=3,
         num_classes=len(folder.classes),
         image_size=image_size,
@@ -569,7 +558,7 @@ def load_search_data(
 
     The first ``floor(train_portion * N)`` entries of a fixed permutation of the N training samples form the
     weight half (``train``), the rest the architecture half (``val``); the permutation does not depend on
-    ``seed``. Both halves are reshuffled every epoch from ``(seed, epoch)``; only ``train`` is augmented.
+    ``seed``. Both halves are reshuffled and augmented every epoch from ``(seed, epoch)`` (each half from its own stream).
 
     Args:
         name: one of :data:`DATASETS`: ``"digits"`` (embedded, 1x8x8), ``"cifar10"`` (3x32x32) or
