@@ -261,9 +261,10 @@ def test_cifar10_missing_batch_file_raises_naming_it(tmp_path: Path) -> None:
         pickle.dumps({b"data": np.zeros((6, 3072), np.uint8)}),  # no labels
         pickle.dumps({b"data": np.zeros((6, 1024), np.uint8), b"labels": [0] * 6}),  # not 3x32x32
         pickle.dumps({b"data": np.zeros((6, 3072), np.uint8), b"labels": [0] * 5}),  # labels too short
+        pickle.dumps({b"data": np.zeros((6, 3072), np.uint8), b"labels": [[1], 2, 3, 4, 5, 6]}),  # ragged
         pickle.dumps([1, 2, 3]),
     ],
-    ids=["garbage", "no-labels", "bad-shape", "short-labels", "not-a-dict"],
+    ids=["garbage", "no-labels", "bad-shape", "short-labels", "ragged-labels", "not-a-dict"],
 )
 def test_cifar10_malformed_batch_raises_naming_it(tmp_path: Path, content: bytes) -> None:
     parent, _, _ = write_cifar(tmp_path)
