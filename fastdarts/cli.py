@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from fastdarts.errors import UsageError
@@ -173,6 +174,15 @@ def _search(args: argparse.Namespace) -> None:
     log.info("wrote %s/genotype.json and %s/alphas.pt", args.out, args.out)
 
 
+def _kept(args: argparse.Namespace) -> str:
+    """What a stopped search leaves behind, for the last line the command prints."""
+    if args.command != "search":
+        return ""
+    if (Path(args.out) / "checkpoint.pt").is_file():
+        return f"; the last finished epoch is in {args.out}/checkpoint.pt (--resume)"
+    return "; no epoch had finished, so there is nothing to resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fastdarts` command; returns the exit status."""
     args = _build_parser().parse_args(argv)
@@ -189,10 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"fastdarts: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the search diverged
+        print(f"fastdarts: error: {e}; try a lower --lr or --arch-lr{_kept(args)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(
-            "fastdarts: interrupted; the last finished epoch is in the checkpoint (--resume)", file=sys.stderr
-        )
+        print(f"fastdarts: interrupted{_kept(args)}", file=sys.stderr)
         return 130
     return 0
 

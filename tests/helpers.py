@@ -1,7 +1,10 @@
-"""Small builders shared by the tests: tiny supernets and batches."""
+"""Small builders shared by the tests: tiny supernets, batches and image folders."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,3 +53,24 @@ def batch(
     x = torch.randn(n, in_channels, size, size, generator=g, dtype=dtype)
     y = torch.randint(0, num_classes, (n,), generator=g)
     return x, y
+
+
+IMAGENET_CLASSES = ("ant", "bee", "cat")
+
+
+def write_image_folder(tmp_path: Path, per_class: int = 4) -> Path:
+    """An ImageFolder tree under tmp_path/train: per_class random RGB images of odd sizes (PNG and JPEG) for each
+    of IMAGENET_CLASSES; returns tmp_path."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    sizes = [(20, 28), (30, 18), (24, 24), (40, 22)]
+    for c, name in enumerate(IMAGENET_CLASSES):
+        folder = tmp_path / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            h, w = sizes[i % len(sizes)]
+            pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            suffix = "png" if (c + i) % 2 else "jpg"
+            Image.fromarray(pixels).save(folder / f"{i}.{suffix}")
+    return tmp_path

@@ -44,6 +44,8 @@ def test_search_prints_genotype_and_writes_files(tmp_path, capsys):
         (["search", "--seed", "-5", "--out", "x"], "seed must be a whole number in [0, 2**32), got -5"),
         (["search", "--out", "afile/x"], "output folder 'afile/x' cannot be made: Not a directory"),
         (["search", "--out", "afile"], "output folder 'afile' cannot be made: File exists"),
+        (["search", "--momentum", "nan", "--out", "x"], "momentum must be a finite number, got nan"),
+        (["search", "--device", "meta", "--out", "x"], "device 'meta' is not supported"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_status_2(tmp_path, args, message):
@@ -60,6 +62,32 @@ def test_corrupt_checkpoint_is_a_usage_error(tmp_path):
     (tmp_path / "x" / "checkpoint.pt").write_bytes(b"\x00garbage")
     result = _run("search", "--out", "x", "--resume", cwd=tmp_path)
     assert result.returncode == 2 and "corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_stopped_search_says_in_one_line_what_it_left(tmp_path, capsys, monkeypatch, checkpointed):
+    import fastdarts.cli
+
+    out = tmp_path / "run"
+    if checkpointed:
+        out.mkdir()
+        (out / "checkpoint.pt").write_bytes(b"")
+    left = (
+        "run/checkpoint.pt (--resume)"
+        if checkpointed
+        else "no epoch had finished, so there is nothing to resume"
+    )
+    for error, code, first in ((KeyboardInterrupt(), 130, "fastdarts: interrupted; "),
+                               (FloatingPointError("training loss became nan in epoch 1, batch 2"), 1,
+                                "fastdarts: error: training loss became nan in epoch 1, batch 2; try a lower --lr")):  # fmt: skip
+
+        def stop(args, error=error):
+            raise error
+
+        monkeypatch.setattr(fastdarts.cli, "_search", stop)
+        assert main(["search", "--out", str(out)]) == code
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(first) and left in err, err
 
 
 def test_info_reports_backends():

@@ -14,6 +14,7 @@ import torch
 
 from fastdarts.data import DATASETS, Loader, SearchData, load_search_data
 from fastdarts.errors import UsageError
+from tests.helpers import write_image_folder
 
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
@@ -277,25 +278,6 @@ def test_cifar10_malformed_batch_raises_naming_it(tmp_path: Path, content: bytes
 
 
 # --------------------------------------------------------------------------------------------- imagenet
-
-
-IMAGENET_CLASSES = ("ant", "bee", "cat")
-
-
-def write_image_folder(tmp_path: Path, per_class: int = 4) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    sizes = [(20, 28), (30, 18), (24, 24), (40, 22)]
-    for c, name in enumerate(IMAGENET_CLASSES):
-        folder = tmp_path / "train" / name
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            h, w = sizes[i % len(sizes)]
-            pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-            suffix = "png" if (c + i) % 2 else "jpg"
-            Image.fromarray(pixels).save(folder / f"{i}.{suffix}")
-    return tmp_path
 
 
 def test_imagenet_shapes_labels_and_classes(tmp_path: Path) -> None:

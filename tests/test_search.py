@@ -1,6 +1,7 @@
 """The search loop on the embedded digits data: results, checkpoints, resumption."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -9,10 +10,13 @@ from torch import nn
 from fastdarts import backend
 from fastdarts.errors import UsageError
 from fastdarts.nn import SearchNetwork
+from fastdarts.nn.network import check_image_size
 from fastdarts.nn.operations import PoolBN
 from fastdarts.search import Architect, ArchitectConfig, Search, SearchConfig, run_search
 from fastdarts.search.checkpoint import load_checkpoint, save_atomic
 from fastdarts.select import Genotype, derive_genotype
+from fastdarts.spaces import DARTS
+from tests.helpers import write_image_folder
 
 # 3 cells of 4 channels; batches of 450 digits, so an epoch is 2 weight steps (CPU steps cost ~1 s each).
 TINY = {"layers": 3, "init_channels": 4, "batch_size": 450, "seed": 0, "device": "cpu"}
@@ -100,6 +104,21 @@ def test_corrupt_or_missing_checkpoint_is_a_usage_error(tmp_path):
         run_search(SearchConfig(epochs=1, **TINY), tmp_path, resume=True)
 
 
+def test_checkpoint_of_another_shape_is_a_usage_error(tmp_path):
+    save_atomic({"epoch": 0, "model": {}}, tmp_path / "checkpoint.pt")
+    with pytest.raises(UsageError, match="the checkpoint has no alphas, arch_optimizer, config, history"):
+        run_search(SearchConfig(epochs=1, **TINY), tmp_path, resume=True)
+
+
+def test_checkpoint_files_get_the_umask_s_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        save_atomic({"epoch": 1}, tmp_path / "checkpoint.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o777 == 0o640  # not tempfile's 0o600
+
+
 def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
     path = tmp_path / "checkpoint.pt"
     save_atomic({"epoch": 1, "model": {}}, path)
@@ -114,7 +133,12 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
     "field, value, message",
     [("algo", "enas", "unknown algo 'enas'"), ("batch_size", 0, "batch_size must be a whole number >= 1, got 0"),
      ("space", "nb201", "unknown space 'nb201'"), ("data", "mnist", "unknown data 'mnist'"),
-     ("partial_channels", 2, "partial_channels is for algo pcdarts or rf-pcdarts, got algo 'darts'")],
+     ("partial_channels", 2, "partial_channels is for algo pcdarts or rf-pcdarts, got algo 'darts'"),
+     ("momentum", float("nan"), "momentum must be a finite number, got nan"),
+     ("lr", float("inf"), "lr must be a finite number, got inf"), ("lr", "0.1", "lr must be a finite number"),
+     ("momentum", -1.0, "momentum must be >= 0, got -1.0"), ("weight_decay", -1e-4, "weight_decay must be >= 0"),
+     ("arch_weight_decay", -1.0, "arch_weight_decay must be >= 0"),
+     ("lr_min", 0.1, r"lr_min 0.1 is above lr 0.025; the cosine schedule goes from lr down to lr_min")],
 )  # fmt: skip
 def test_bad_config_values_are_named(field, value, message):
     with pytest.raises(UsageError, match=message):
@@ -146,6 +170,23 @@ def test_an_image_size_that_halves_to_an_odd_size_is_refused():
     # digits are 8x8: the ImageNet stem brings them to 1x1 before the reductions
     with pytest.raises(UsageError, match="image size 8 is halved at an odd size in space 'darts-imagenet'"):
         Search(SearchConfig(space="darts-imagenet", **TINY))
+
+
+def test_a_batch_of_one_image_on_1x1_feature_maps_is_refused(tmp_path):
+    # 4x4 images reach the last cells at 1x1, where BatchNorm cannot train on one image
+    assert check_image_size(DARTS, 3, 4) == 1 and check_image_size(DARTS, 3, 8) == 2
+    root = write_image_folder(tmp_path)  # 12 images: halves of 6
+    cfg = {**TINY, "data": "imagenet", "data_dir": str(root), "image_size": 4}
+    with pytest.raises(
+        UsageError, match="the weight half .6 images in batches of 5. has a batch of one image"
+    ):
+        Search(SearchConfig(**{**cfg, "batch_size": 5}))
+    Search(SearchConfig(**{**cfg, "batch_size": 4}))  # batches of 4 and 2
+
+
+def test_a_diverged_search_stops_with_a_floating_point_error():
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        run_search(SearchConfig(epochs=1, lr=1e30, **TINY))
 
 
 def test_pcdarts_search_learns_betas_and_ranks_edges_by_them(tmp_path):

@@ -13,10 +13,10 @@ from fastdarts.nn.cell import Cell
 from fastdarts.spaces import DARTS, SearchSpace
 
 
-def check_image_size(space: SearchSpace, layers: int, image_size: int) -> None:
+def check_image_size(space: SearchSpace, layers: int, image_size: int) -> int:
     """Refuses an image side length that the supernet would halve at an odd size: a reduction cell's input (the
     next cell's FactorizedReduce and the 2x2 max pool of partial channels halve it) and, with the ImageNet stem,
-    stem0's output (the first cell's FactorizedReduce)."""
+    stem0's output (the first cell's FactorizedReduce). Returns the side length of the last cells' feature maps."""
     size, halved = image_size, []
     if space.stem == "imagenet":
         size = -(-size // 4)  # stem0: two 3x3 stride-2 convolutions with padding 1
@@ -32,6 +32,7 @@ def check_image_size(space: SearchSpace, layers: int, image_size: int) -> None:
             f"image size {image_size} is halved at an odd size in space {space.name!r} (sizes halved: "
             f"{', '.join(map(str, halved))}); use an image size divisible by {multiple}"
         )
+    return size
 
 
 class SearchNetwork(nn.Module):

@@ -111,9 +111,20 @@ class SearchConfig:
             raise UsageError(
                 f"arch_warmup_epochs must be a whole number >= 0, got {self.arch_warmup_epochs!r}"
             )
+        for field in ("lr", "lr_min", "momentum", "weight_decay", "grad_clip", "arch_lr", "arch_weight_decay",
+                      "train_portion"):  # fmt: skip
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UsageError(f"{field} must be a finite number, got {value!r}")
         for field in ("lr", "lr_min", "arch_lr", "grad_clip"):
             if not getattr(self, field) > 0:
                 raise UsageError(f"{field} must be > 0, got {getattr(self, field)!r}")
+        for field in ("momentum", "weight_decay", "arch_weight_decay"):
+            if getattr(self, field) < 0:
+                raise UsageError(f"{field} must be >= 0, got {getattr(self, field)!r}")
+        if self.lr_min > self.lr:
+            raise UsageError(f"lr_min {self.lr_min!r} is above lr {self.lr!r}; the cosine schedule goes from lr "
+                             "down to lr_min")  # fmt: skip
         if self.partial_channels is not None:
             if not ALGORITHMS[self.algo].partial_channels:
                 raise UsageError(
@@ -141,6 +152,8 @@ class SearchConfig:
             )
         except RuntimeError as e:
             raise UsageError(f"unknown device {self.device!r}, expected auto, cpu, cuda or cuda:N") from e
+        if device.type not in ("cpu", "cuda"):
+            raise UsageError(f"device {self.device!r} is not supported, expected auto, cpu, cuda or cuda:N")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device {self.device!r} asked for, but torch sees no CUDA GPU")
         if self.cuda_graphs and device.type != "cuda":
@@ -238,7 +251,10 @@ class Search:
             config.data, data_dir=config.data_dir, batch_size=config.batch_size, seed=config.seed,
             train_portion=config.train_portion, image_size=config.image_size, workers=config.workers,
         )  # fmt: skip
-        check_image_size(self.space, config.layers, self.data.image_size)
+        if check_image_size(self.space, config.layers, self.data.image_size) == 1:
+            _check_single_image_batches(
+                self.data.image_size, weight=self.data.train, architecture=self.data.val
+            )
         K = config.resolve_partial_channels()
         self.model = SearchNetwork(
             config.init_channels, self.data.num_classes, config.layers, self.space, self.data.in_channels,
@@ -304,7 +320,7 @@ class Search:
             batch_loss = loss.item()
             if not math.isfinite(batch_loss):
                 raise FloatingPointError(
-                    f"training loss became {batch_loss} at epoch {self.epoch}, step {step}"
+                    f"training loss became {batch_loss} in epoch {self.epoch + 1}, batch {step + 1}"
                 )
             batch_correct = (logits.argmax(1) == y).sum().item()
             total_loss += batch_loss * y.numel()
@@ -366,6 +382,8 @@ class Search:
             val_loss, val_acc = evaluate(
                 self.model, self.data.val, self.device, self.config.amp, self.config.channels_last
             )
+            if not math.isfinite(val_loss):
+                raise FloatingPointError(f"validation loss became {val_loss} after epoch {self.epoch + 1}")
             record = EpochRecord(self.epoch, lr, train_loss, train_acc, val_loss, val_acc, self.genotype(),
                                  self.eigenvalue() if tracking else None)  # fmt: skip
             self.history.append(record)
@@ -426,6 +444,10 @@ class Search:
         save_atomic(self.state_dict(), self.checkpoint_path)
 
     def load_state_dict(self, ckpt: dict) -> None:
+        missing = sorted(set(self.state_dict()) - set(ckpt))
+        if missing:
+            raise UsageError(f"the checkpoint has no {', '.join(missing)}: it was not written by this version of "
+                             "fastdarts' search; use another --out")  # fmt: skip
         saved = ckpt["config"]
         current = dataclasses.asdict(self.config)
         for key in sorted(set(saved) | set(current)):
@@ -448,6 +470,18 @@ class Search:
         name, keys, pos, has_gauss, cached = rng["numpy"]
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
         random.setstate((3, tuple(rng["python"]), None))
+
+
+def _check_single_image_batches(image_size: int, **halves: Loader) -> None:
+    """Refuses a batch of one image when the last cells' feature maps are 1x1: BatchNorm in training mode needs
+    more than one value per channel."""
+    for half, loader in halves.items():
+        if loader.batch_size == 1 or loader.num_samples % loader.batch_size == 1:
+            raise UsageError(
+                f"image size {image_size} leaves 1x1 feature maps in the last cells, and the {half} half "
+                f"({loader.num_samples} images in batches of {loader.batch_size}) has a batch of one image, which "
+                "BatchNorm cannot normalise in training; change --batch-size or --image-size"
+            )
 
 
 def _numpy_rng_state() -> list:
