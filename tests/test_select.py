@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fastdarts.select import Genotype, derive_genotype
+from fastdarts.select.genotype import parse_cell
 from fastdarts.spaces import DARTS
 
 P = DARTS.primitives
@@ -56,3 +57,16 @@ def test_json_round_trip():
 def test_wrong_alpha_shape_names_the_shape():
     with pytest.raises(ValueError, match=r"alphas_reduce has shape \(14, 7\), expected \(14, 8\)"):
         derive_genotype(torch.zeros(14, 8), torch.zeros(14, 7), DARTS)
+
+
+def test_edge_strength_products_are_rounded_in_the_weights_dtype_as_in_pc_darts():
+    # Node 1's edges from inputs 1 and 2 tie in float32 (PC-DARTS multiplies in float32 and keeps the lower input
+    # on a tie), though in float64 the edge from input 2 is stronger.
+    a, s1, b, s2 = 0.6095694, 0.31582937, 0.60956943, 0.31582934
+    weights = torch.tensor([[0, 0.5], [0, 0.4], [0, 0.9], [0, a], [0, b]], dtype=torch.float32)
+    strength = torch.tensor([1, 1, 1, s1, s2], dtype=torch.float32)
+    assert (weights[3, 1] * strength[3]).item() == (weights[4, 1] * strength[4]).item()
+    w64, s64 = weights.double(), strength.double()
+    assert w64[3, 1] * s64[3] < w64[4, 1] * s64[4]
+    gene = parse_cell(weights, ("none", "sep_conv_3x3"), 2, strength)
+    assert gene[2:] == [("sep_conv_3x3", 0), ("sep_conv_3x3", 1)]

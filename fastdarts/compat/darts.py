@@ -78,6 +78,10 @@ class Network(_network.SearchNetwork):
         super().__init__(C, num_classes, layers, space, in_channels=3, **self._variant)
         self._C, self._num_classes, self._steps, self._multiplier = C, num_classes, steps, multiplier
         self._criterion = criterion
+        if isinstance(criterion, torch.nn.Module):  # first, as the original assigns it before the stem: a
+            # weighted criterion's weight leads the state_dict there
+            module = self._modules.pop("_criterion")
+            self._modules = {"_criterion": module, **self._modules}
         # plain leaf tensors, as in the original: outside parameters() and the state_dict
         arch = {id(a) for a in _network.SearchNetwork.arch_parameters(self)}
         self._arch_parameters = []

@@ -266,14 +266,23 @@ class SearchCNNController(nn.Module):
         return self.criterion(self(X), y)
 
     def print_alphas(self, logger: logging.Logger) -> None:
-        """Log the softmaxed alphas of every node, normal then reduce."""
-        logger.info("####### ALPHA #######\n# Alpha - normal")
-        for alpha in self.alpha_normal:
-            logger.info(F.softmax(alpha, dim=-1))
-        logger.info("\n# Alpha - reduce")
-        for alpha in self.alpha_reduce:
-            logger.info(F.softmax(alpha, dim=-1))
-        logger.info("#####################")
+        """Log the softmaxed alphas of every node, normal then reduce, as bare messages (the logger's handlers
+        format only the message meanwhile, as in pt.darts)."""
+        formatters = [(h, h.formatter) for h in logger.handlers]
+        for handler, _ in formatters:
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        try:
+            logger.info("####### ALPHA #######")
+            logger.info("# Alpha - normal")
+            for alpha in self.alpha_normal:
+                logger.info(F.softmax(alpha, dim=-1))
+            logger.info("\n# Alpha - reduce")
+            for alpha in self.alpha_reduce:
+                logger.info(F.softmax(alpha, dim=-1))
+            logger.info("#####################")
+        finally:
+            for handler, formatter in formatters:
+                handler.setFormatter(formatter)
 
     def genotype(self) -> Genotype:
         concat = range(2, 2 + self.n_nodes)

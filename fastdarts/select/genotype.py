@@ -54,9 +54,10 @@ def parse_cell(weights: Tensor, primitives: Sequence[str], steps: int, edge_stre
         A list of 2 * steps (op name, input node) pairs. An edge's strength is its largest non-`none` weight;
         ties keep the lower input index, and an edge's best op on a tie is the first in primitive order.
     """
-    w = weights.detach().double().cpu()
-    if edge_strength is not None:
-        w = w * edge_strength.detach().double().cpu()[:, None]
+    w = weights.detach().cpu()
+    if edge_strength is not None:  # multiplied in the weights' dtype, as PC-DARTS does (float32 ties included)
+        w = w * edge_strength.detach().to(w.dtype).cpu()[:, None]
+    w = w.double()
     live = [k for k, name in enumerate(primitives) if name != "none"]
     gene: list[tuple[str, int]] = []
     start = 0

@@ -340,6 +340,19 @@ class PcImagenetMixedOp(PcMixedOp):
 class PcImagenetCell(PcCell):
     edge = PcImagenetMixedOp
 
+    def forward(self, s0, s1, weights, weights2):
+        # model_search_imagenet.py calls each edge twice: once for weights2[...].to(<its output>.device)
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for _ in range(self._steps):
+            node = 0
+            for j, h in enumerate(states):
+                self._ops[offset + j](h, weights[offset + j])
+                node = node + weights2[offset + j] * self._ops[offset + j](h, weights[offset + j])
+            states.append(node)
+            offset += len(states) - 1
+        return torch.cat(states[-self._multiplier :], dim=1)
+
 
 class PcImagenetNetwork(PcNetwork):
     cell = PcImagenetCell

@@ -83,6 +83,24 @@ def test_outputs_and_gradients_match_the_original_in_fp32(base, train):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_batched_cells_match_the_original_in_fp32(base):
+    # the cells' path on a GPU (fastdarts.nn.batched), running statistics included
+    ours, orig = build(base)
+    for cell in ours.cells:
+        cell.batched_edges = True
+    x, y = inputs(base)
+    assert_same_training_pass(ours, orig, lambda: ours._loss(x, y), lambda: orig._loss(x, y))
+
+
+def test_a_weighted_criterion_leads_the_state_dict_as_in_the_original(base):
+    compat, oracle = PAIRS[base]
+    keys = [
+        list(cls(4, 5, 3, nn.CrossEntropyLoss(weight=torch.ones(5))).state_dict())
+        for cls in (compat.Network, oracle)
+    ]
+    assert keys[0] == keys[1] and keys[0][0] == "_criterion.weight"
+
+
 def _sgd_with_momentum(model, x, y):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=ARGS.momentum, weight_decay=ARGS.weight_decay)
     model._loss(x, y).backward()

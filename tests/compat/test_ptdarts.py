@@ -2,6 +2,9 @@
 shapes and initial weights, state_dicts loading both ways, the same outputs and gradients, and the second-order
 gradient with the finite difference divided by 2 eps (pt.darts multiplies by eps / 2)."""
 
+import io
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -116,3 +119,21 @@ def test_more_than_one_device_is_refused_by_name():
 def test_bad_pool_type_is_refused_by_name():
     with pytest.raises(ValueError, match="'sum'"):
         ptdarts.PoolBN("sum", 4, 3, 1, 1)
+
+
+def test_print_alphas_logs_bare_messages_and_restores_the_formatters():
+    ours, _ = build()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    formatter = logging.Formatter("TIME %(message)s")
+    handler.setFormatter(formatter)
+    logger = logging.getLogger("test_print_alphas")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        ours.print_alphas(logger)
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines[:2] == ["####### ALPHA #######", "# Alpha - normal"] and lines[-1] == "#" * 21
+    assert "TIME" not in stream.getvalue() and handler.formatter is formatter
