@@ -102,7 +102,11 @@ def _grads_ref(
     """The three gradients by autograd through the reference; with create_graph, differentiable once more in
     grad and in the inputs as given (the double backward), else of detached copies of the inputs."""
     inputs = [*xs, weights, x]
-    if not create_graph:
+    if create_graph:
+        # Views: each gradient counts only the paths through this call, not those by which the inputs depend on one
+        # another (PC-DARTS' xs are computed from x's first channels), while staying differentiable back into them.
+        inputs = [t.view_as(t) for t in inputs]
+    else:
         inputs = [t.detach().requires_grad_() for t in inputs]
     wanted = [t for t in inputs if t.requires_grad]
     with torch.enable_grad():

@@ -152,6 +152,24 @@ def test_gradcheck(backend_name, stride):
     assert torch.autograd.gradgradcheck(f, (weights, x, *xs))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_create_graph_gradients_count_each_path_once_when_xs_come_from_x(stride):
+    # PC-DARTS' candidates read x's first channels; the gradient taken with create_graph (as the exact
+    # Hessian-vector product and the eigenvalue take it) must equal the plain one
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, dtype=torch.float64, requires_grad=True)
+
+    def loss():
+        head = x[:, :2]
+        xs = [F.avg_pool2d(head, stride) * 2, head[..., ::stride, ::stride].sin()]
+        return (partial_channel(xs, weights, x, 3, stride) ** 2).sum()
+
+    plain = torch.autograd.grad(loss(), [x, weights])
+    graphed = torch.autograd.grad(loss(), [x, weights], create_graph=True)
+    for a, b in zip(plain, graphed, strict=True):
+        torch.testing.assert_close(b, a)
+
+
 @needs_ext
 def test_opcheck():
     for stride in (1, 2):
