@@ -83,6 +83,24 @@ def test_weights_learn_on_digits(tmp_path):
     assert result.history[-1].train_acc > 0.5  # chance is 0.1
 
 
+def test_a_checkpoint_of_a_cuda_graphs_run_resumes_without_them(tmp_path):
+    # cuda_graphs may change on resume: Adam's capturable follows the resuming run (a GPU run's checkpoint,
+    # written with capturable Adam, emulated here, resumes on the CPU)
+    cfg = SearchConfig(epochs=2, **TINY)
+    with pytest.raises(Killed):
+        run_search(cfg, tmp_path, on_batch=_kill_at(1, 0))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["cuda_graphs"] = True
+    for group in ckpt["arch_optimizer"]["param_groups"]:
+        group["capturable"] = True
+    save_atomic(ckpt, tmp_path / "checkpoint.pt")
+    search = Search(cfg, tmp_path)
+    search.load_state_dict(load_checkpoint(tmp_path / "checkpoint.pt"))
+    assert [g["capturable"] for g in search.architect.optimizer.param_groups] == [False]
+    search.run()
+    assert search.epoch == 2
+
+
 def test_fresh_run_refuses_to_overwrite_a_checkpoint(tmp_path):
     cfg = SearchConfig(epochs=1, **TINY)
     run_search(cfg, tmp_path)

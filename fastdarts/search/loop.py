@@ -458,7 +458,11 @@ class Search:
                 )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.architect.optimizer.load_state_dict(ckpt["arch_optimizer"])
+        # Adam's capturable (state on the GPU for CUDA graphs) follows this run's cuda_graphs, not the saved run's;
+        # set before loading, so that its step counts are placed for it
+        arch_state = ckpt["arch_optimizer"]
+        groups = [{**g, "capturable": self.config.cuda_graphs} for g in arch_state["param_groups"]]
+        self.architect.optimizer.load_state_dict({**arch_state, "param_groups": groups})
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch = ckpt["epoch"]
         self.history = [_record_from_dict(d) for d in ckpt["history"]]
