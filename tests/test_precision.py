@@ -14,8 +14,10 @@ import torch.nn.functional as F
 
 import fastdarts
 from fastdarts import backend
+from fastdarts.data import load_search_data
 from fastdarts.ops import mixed_op
-from fastdarts.search import SearchConfig, run_search
+from fastdarts.search import Architect, ArchitectConfig, SearchConfig, run_search
+from fastdarts.search.loop import evaluate
 from tests.helpers import batch, tiny_network
 
 
@@ -41,6 +43,33 @@ def test_bf16_autocast_loss_and_alpha_gradients_within_tolerance(backend_name, v
     assert abs(amp_loss.item() - loss.item()) < 0.01 * loss.item()
     assert F.cosine_similarity(amp_grads, grads, 0) > 0.97
     assert not torch.equal(amp_grads, grads)  # bf16 really ran
+
+
+@pytest.mark.parametrize("hvp", ["fd", "fd-batched"])
+def test_the_finite_difference_hvp_runs_in_fp32_under_autocast(hvp):
+    # eps v is below bfloat16's resolution: in bf16, w+ and w- would mostly be the same weights
+    model = tiny_network()
+    architect = Architect(model, ArchitectConfig(order="second", hvp=hvp))
+    x, y = batch(n=8, size=8)
+    v = [torch.randn_like(p) for p in model.weight_parameters()]
+    plain = architect.fd_hvp(v, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = architect.fd_hvp(v, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(amp, plain, strict=True))
+
+
+def test_bf16_evaluation_sums_its_loss_in_fp32():
+    model = tiny_network(in_channels=1, num_classes=10)
+    data = load_search_data("digits", batch_size=450)
+    loss, _ = evaluate(model, data.val, torch.device("cpu"), amp="bf16")
+    model.eval()
+    total = 0.0
+    for x, y in data.val:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        assert logits.dtype == torch.bfloat16
+        total += F.cross_entropy(logits.double(), y, reduction="sum").item()
+    assert loss == pytest.approx(total / data.val.num_samples, rel=1e-6)
 
 
 def test_mixed_op_under_autocast_takes_mixed_dtypes_and_promotes():

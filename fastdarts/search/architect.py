@@ -274,7 +274,13 @@ class Architect:
 
     def _fd_hvp(self, w, center, v, x, y) -> list[Tensor]:
         """fd_hvp around center, the weights w taking center +- eps v in place (fastdarts.ops.fd_hvp), or with
-        "fd-batched" fd_hvp_batched, w+ and w- evaluated functionally in one pass (w left alone)."""
+        "fd-batched" fd_hvp_batched, w+ and w- evaluated functionally in one pass (w left alone). Always in the
+        weights' precision: under autocast, eps v (about 1e-2 / sqrt(#weights) per weight) is below bfloat16's
+        resolution, and w+ and w- would mostly round to the same bfloat16 weights."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._fd_hvp_full_precision(w, center, v, x, y)
+
+    def _fd_hvp_full_precision(self, w, center, v, x, y) -> list[Tensor]:
         alphas = self.model.arch_parameters()
         if self.config.hvp == "fd-batched":
             names = self._weights()[0]

@@ -230,7 +230,7 @@ def evaluate(
         x, y = _inputs(x, device, channels_last), y.to(device, non_blocking=True)
         with _autocast(device, amp):
             logits = model(x)
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()  # summed in fp32 under amp
         correct += (logits.argmax(1) == y).sum().item()
         count += y.numel()
     return total_loss / max(count, 1), correct / max(count, 1)
