@@ -7,7 +7,7 @@ second-order step, H v with v = grad_w' L_val(w', alpha), both ways (Architect.h
     fd    = (grad_alpha L_train(w + eps v) - grad_alpha L_train(w - eps v)) / (2 eps),  eps = 0.01 / ||v||
     exact = grad_alpha <grad_w L_train(w, alpha), v>   (double backprop)
 
-and records ||fd - exact|| / ||exact|| and ||fd|| / ||exact||, with the dominant Hessian eigenvalue of L_val in
+and records ||fd - exact|| / ||exact|| and ||fd|| / ||exact||, with the largest Hessian eigenvalue of L_val in
 alpha. ReLU and max-pool kinks inside the eps ball are what can make the two differ.
 
     python -m benchmarks.fd_vs_exact --epochs 10 --out benchmarks/results/fd-vs-exact-digits-cpu.json

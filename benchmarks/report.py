@@ -43,6 +43,12 @@ if __name__ == "__main__":
         _usage("usage: python benchmarks/report.py <pytest-benchmark JSON file>")
     try:
         main(sys.argv[1])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # not there, not JSON, another shape
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ) as e:  # not there, not JSON, another shape
         _usage(f"benchmarks/report.py: {sys.argv[1]!r} is not a pytest-benchmark JSON file that can be read: "
                f"{type(e).__name__}: {e}")  # fmt: skip

@@ -102,7 +102,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--track-eigenvalue",
         action="store_true",
-        help="log the dominant Hessian eigenvalue of the validation loss in alpha after each epoch",
+        help="log the largest Hessian eigenvalue of the validation loss in alpha after each epoch",
     )
     s.add_argument(
         "--early-stop",

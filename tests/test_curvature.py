@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastdarts.search import SearchConfig, loop, run_search
 from fastdarts.search.checkpoint import load_checkpoint
@@ -20,14 +21,21 @@ def _full_alpha_hessian(model, x, y):
     return torch.stack(cols, 1)
 
 
-def test_power_iteration_finds_the_dominant_eigenvalue():
-    # a 2-step smooth space on 2 channels: 40 alphas, so that the full Hessian takes 40 products
+def test_power_iteration_finds_the_largest_eigenvalue():
+    # a 2-step smooth space on 2 channels: 40 alphas, so that the full Hessian takes 40 products; of the loss and
+    # the negated loss, one has a Hessian whose eigenvalue of largest magnitude is negative (found by a shift)
     model = tiny_network(replace(SMOOTH, steps=2, multiplier=2), torch.float64, C=2, smooth=True)
     x, y = batch(n=4, size=4, dtype=torch.float64)
-    eigs = torch.linalg.eigvalsh(_full_alpha_hessian(model, x, y))
-    dominant = eigs[eigs.abs().argmax()].item()
-    found = hessian_eigenvalue(model, x, y, iters=300, tol=1e-12, generator=torch.Generator().manual_seed(0))
-    assert found == pytest.approx(dominant, rel=1e-6)
+    dominant_signs = set()
+    for sign in (1, -1):
+        model.criterion = lambda logits, y, sign=sign: sign * F.cross_entropy(logits, y)
+        eigs = torch.linalg.eigvalsh(_full_alpha_hessian(model, x, y))
+        dominant_signs.add(bool(eigs[eigs.abs().argmax()] > 0))
+        found = hessian_eigenvalue(
+            model, x, y, iters=1000, tol=1e-12, generator=torch.Generator().manual_seed(0)
+        )
+        assert found == pytest.approx(eigs.max().item(), rel=1e-6), sign
+    assert dominant_signs == {True, False}
 
 
 def test_eigenvalue_leaves_running_statistics_and_global_rng_alone():

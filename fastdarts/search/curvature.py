@@ -1,7 +1,7 @@
 """Curvature of the validation loss in the architecture parameters, and R-DARTS' early stopping on it.
 
 Zela et al. (2020, "Understanding and robustifying differentiable architecture search", R-DARTS) found that
-DARTS' search degenerates when the dominant eigenvalue of the Hessian of L_val with respect to alpha grows: the
+DARTS' search degenerates when the largest eigenvalue of the Hessian of L_val with respect to alpha grows: the
 alphas settle in a sharp minimum, and discretising them then costs a lot of accuracy. Their DARTS-ES stops the
 search when that eigenvalue has grown too fast and returns the architecture of k epochs earlier:
 
@@ -34,21 +34,24 @@ def hessian_eigenvalue(
     tol: float = 1e-4,
     generator: torch.Generator | None = None,
 ) -> float:
-    """The dominant eigenvalue of the Hessian of the loss on (x, y) with respect to the architecture parameters.
+    """The largest eigenvalue of the Hessian of the loss on (x, y) with respect to the architecture parameters
+    (R-DARTS tracks ``max(eigvals(H))``).
 
     Power iteration on exact Hessian-vector products (double backprop through the supernet), from a random start
-    drawn from ``generator`` (the global RNG is not touched). The loss is the training-mode loss the architect
-    optimises (batch statistics); the model's BatchNorm running statistics are left as they are.
+    drawn from ``generator`` (the global RNG is not touched). It finds the eigenvalue of largest magnitude; when
+    that is negative, a second power iteration on H - lambda I (whose eigenvalues are all >= 0) finds the largest.
+    The loss is the training-mode loss the architect optimises (batch statistics); the model's BatchNorm running
+    statistics are left as they are.
 
     Args:
         model: the supernet.
         x, y: a batch ([B, C, H, W], [B]), normally validation data.
-        iters: at most this many Hessian-vector products.
+        iters: at most this many Hessian-vector products per power iteration.
         tol: stop once the estimate changes by less than tol relative to itself.
         generator: the random start's generator (for reproducible, resumable runs).
 
     Returns:
-        The eigenvalue of largest magnitude (a Rayleigh quotient), as a float.
+        The largest eigenvalue (a Rayleigh quotient), as a float.
     """
     alphas = model.arch_parameters()
     buffers = {n: b.clone() for n, b in model.named_buffers()}
@@ -58,16 +61,31 @@ def hessian_eigenvalue(
     live = [
         i for i, g in enumerate(grads) if g.requires_grad
     ]  # not e.g. alphas_normal in a net of reductions
-    v = [torch.randn(a.shape, generator=generator, dtype=a.dtype).to(a.device) for a in alphas]
-    v = _normalised(v)
-    estimate = 0.0
-    for _ in range(iters):
+
+    def hvp(v: list[Tensor]) -> list[Tensor]:
         hv = torch.autograd.grad(
             [grads[i] for i in live], alphas, [v[i] for i in live], retain_graph=True, allow_unused=True,
             materialize_grads=True,
         )  # fmt: skip
-        previous, estimate = estimate, sum((h * u).sum() for h, u in zip(hv, v)).item()
-        v = _normalised([h.detach() for h in hv])
+        return [h.detach() for h in hv]
+
+    start = _normalised(
+        [torch.randn(a.shape, generator=generator, dtype=a.dtype).to(a.device) for a in alphas]
+    )
+    dominant = _power_iteration(hvp, start, iters, tol)
+    if dominant >= 0:
+        return dominant
+    shifted = _power_iteration(lambda v: [h - dominant * u for h, u in zip(hvp(v), v)], start, iters, tol)
+    return shifted + dominant
+
+
+def _power_iteration(matvec, v: list[Tensor], iters: int, tol: float) -> float:
+    """The eigenvalue of largest magnitude of the symmetric operator matvec, from the unit vector v."""
+    estimate = 0.0
+    for _ in range(iters):
+        mv = matvec(v)
+        previous, estimate = estimate, sum((m * u).sum() for m, u in zip(mv, v)).item()
+        v = _normalised(mv)
         if abs(estimate - previous) <= tol * abs(estimate):
             break
     return estimate

@@ -50,7 +50,7 @@ class SearchConfig:
         arch_lr, arch_weight_decay: Adam on the alphas (betas 0.5, 0.999).
         arch_warmup_epochs: epochs of weight steps only before the architecture steps start (PC-DARTS: 15).
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
-        track_eigenvalue: after each epoch, the dominant eigenvalue of the Hessian of L_val in alpha (on the
+        track_eigenvalue: after each epoch, the largest eigenvalue of the Hessian of L_val in alpha (on the
             epoch's first validation batch; see fastdarts.search.curvature).
         early_stop: "none", or "eigenvalue": R-DARTS' DARTS-ES on the tracked eigenvalue (tracking implied).
         cuda_graphs: record each epoch's search iteration as a CUDA graph and replay it (fastdarts.search.graphs;
@@ -360,7 +360,7 @@ class Search:
         return early_stop_epoch([r.eigenvalue for r in self.history])
 
     def eigenvalue(self) -> float:
-        """The dominant Hessian eigenvalue of L_val in alpha on this epoch's first validation batch (a random start
+        """The largest Hessian eigenvalue of L_val in alpha on this epoch's first validation batch (a random start
         seeded by the run's seed and the epoch)."""
         self.data.val.set_epoch(self.epoch)
         x, y = next(iter(self.data.val))
