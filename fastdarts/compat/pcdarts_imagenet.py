@@ -47,16 +47,18 @@ class Cell(pcdarts.Cell):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        for bn in self._edge_batch_norms():
+        # a plain list (not registered: they are the edges' own modules); their counters are read at each call,
+        # as .to() replaces buffers
+        self._edge_batch_norms = [
+            m for m in self._ops.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats
+        ]
+        for bn in self._edge_batch_norms:
             bn.momentum = 1 - (1 - bn.momentum) ** 2
-
-    def _edge_batch_norms(self) -> list[nn.BatchNorm2d]:
-        return [m for m in self._ops.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
 
     def forward(self, s0: Tensor, s1: Tensor, weights: Tensor, weights2: Tensor) -> Tensor:
         out = super().forward(s0, s1, weights, weights2)
         if self.training:  # the original's second count (the running statistics had both updates in one)
-            torch._foreach_add_([bn.num_batches_tracked for bn in self._edge_batch_norms()], 1)
+            torch._foreach_add_([bn.num_batches_tracked for bn in self._edge_batch_norms], 1)
         return out
 
 

@@ -111,8 +111,16 @@ class SearchConfig:
             raise UsageError(
                 f"arch_warmup_epochs must be a whole number >= 0, got {self.arch_warmup_epochs!r}"
             )
-        for field in ("lr", "lr_min", "momentum", "weight_decay", "grad_clip", "arch_lr", "arch_weight_decay",
-                      "train_portion"):  # fmt: skip
+        # (train_portion is checked by fastdarts.data)
+        for field in (
+            "lr",
+            "lr_min",
+            "momentum",
+            "weight_decay",
+            "grad_clip",
+            "arch_lr",
+            "arch_weight_decay",
+        ):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise UsageError(f"{field} must be a finite number, got {value!r}")
