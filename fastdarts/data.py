@@ -558,7 +558,8 @@ def load_search_data(
 
     The first ``floor(train_portion * N)`` entries of a fixed permutation of the N training samples form the
     weight half (``train``), the rest the architecture half (``val``); the permutation does not depend on
-    ``seed``. Both halves are reshuffled and augmented every epoch from ``(seed, epoch)`` (each half from its own stream).
+    ``seed``. Both halves are reshuffled and augmented every epoch from ``(seed, epoch)`` (each half from its own
+    stream).
 
     Args:
         name: one of :data:`DATASETS`: ``"digits"`` (embedded, 1x8x8), ``"cifar10"`` (3x32x32) or

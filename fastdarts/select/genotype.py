@@ -55,9 +55,8 @@ def parse_cell(weights: Tensor, primitives: Sequence[str], steps: int, edge_stre
         ties keep the lower input index, and an edge's best op on a tie is the first in primitive order.
     """
     w = weights.detach().cpu()
-    if (
-        edge_strength is not None
-    ):  # multiplied in the weights' dtype, as PC-DARTS does (float32 ties included)
+    if edge_strength is not None:
+        # multiplied in the weights' dtype, as PC-DARTS does (float32 ties included)
         w = w * edge_strength.detach().to(w.dtype).cpu()[:, None]
     w = w.double()
     live = [k for k, name in enumerate(primitives) if name != "none"]
