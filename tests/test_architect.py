@@ -154,6 +154,8 @@ def test_bad_architect_settings_name_the_value():
         ArchitectConfig(order="third")
     with pytest.raises(UsageError, match="'approx'"):
         ArchitectConfig(hvp="approx")
+    with pytest.raises(UsageError, match="'exact' is for order second"):
+        ArchitectConfig(order="first", hvp="exact")
 
 
 @pytest.mark.parametrize("order", ["first", "second"])

@@ -46,6 +46,7 @@ def test_search_prints_genotype_and_writes_files(tmp_path, capsys):
         (["search", "--out", "afile"], "output folder 'afile' cannot be made: File exists"),
         (["search", "--momentum", "nan", "--out", "x"], "momentum must be a finite number, got nan"),
         (["search", "--device", "meta", "--out", "x"], "device 'meta' is not supported"),
+        (["search", "--hvp", "exact", "--out", "x"], "hvp 'exact' is for order second"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_status_2(tmp_path, args, message):

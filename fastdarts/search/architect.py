@@ -72,8 +72,16 @@ class ArchitectConfig:
             raise UsageError(f"unknown order {self.order!r}, expected one of: {', '.join(ORDERS)}")
         if self.hvp not in HVP_MODES:
             raise UsageError(f"unknown hvp mode {self.hvp!r}, expected one of: {', '.join(HVP_MODES)}")
+        check_hvp_order(self.hvp, self.order)
         if not self.fd_r > 0:
             raise UsageError(f"fd_r must be > 0, got {self.fd_r}")
+
+
+def check_hvp_order(hvp: str, order: str) -> None:
+    """Refuses a Hessian-vector product mode other than the default with first order, which takes none (it
+    would be ignored without a word)."""
+    if order == "first" and hvp != "fd":
+        raise UsageError(f"hvp {hvp!r} is for order second; first order takes no Hessian-vector product")
 
 
 def _grad(loss: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:

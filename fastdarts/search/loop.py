@@ -19,7 +19,7 @@ from fastdarts.errors import UsageError
 from fastdarts.nn import SearchNetwork
 from fastdarts.nn.network import check_image_size
 from fastdarts.search.algorithms import ALGORITHMS, freeze_random_features
-from fastdarts.search.architect import HVP_MODES, ORDERS, Architect, ArchitectConfig
+from fastdarts.search.architect import HVP_MODES, ORDERS, Architect, ArchitectConfig, check_hvp_order
 from fastdarts.search.checkpoint import load_checkpoint, save_atomic
 from fastdarts.search.curvature import early_stop_epoch, hessian_eigenvalue
 from fastdarts.search.graphs import GraphedStep
@@ -101,6 +101,7 @@ class SearchConfig:
             value = getattr(self, field)
             if value not in allowed:
                 raise UsageError(f"unknown {field} {value!r}, expected one of: {', '.join(allowed)}")
+        check_hvp_order(self.hvp, self.order)
         for field in ("epochs", "batch_size", "layers", "init_channels"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
