@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -112,6 +113,19 @@ def test_resume_with_other_settings_names_the_setting(tmp_path):
     run_search(SearchConfig(epochs=1, **TINY), tmp_path)
     with pytest.raises(UsageError, match="seed=0.*seed=1"):
         run_search(SearchConfig(epochs=1, **{**TINY, "seed": 1}), tmp_path, resume=True)
+
+
+def test_a_resumed_run_may_read_its_data_from_another_folder(tmp_path):
+    # the same ImageNet tree copied elsewhere (another machine's disk): the path is not part of the search
+    first = write_image_folder(tmp_path / "a")
+    cfg = {**TINY, "data": "imagenet", "image_size": 8, "batch_size": 4}
+    with pytest.raises(Killed):
+        run_search(
+            SearchConfig(epochs=2, data_dir=str(first), **cfg), tmp_path / "run", on_batch=_kill_at(1, 0)
+        )
+    moved = shutil.copytree(first, tmp_path / "b")
+    resumed = run_search(SearchConfig(epochs=2, data_dir=str(moved), **cfg), tmp_path / "run", resume=True)
+    assert len(resumed.history) == 2
 
 
 def test_corrupt_or_missing_checkpoint_is_a_usage_error(tmp_path):

@@ -33,7 +33,8 @@ EARLY_STOPS = ("none", "eigenvalue")
 AMPS = ("none", "bf16")
 CHECKPOINT = "checkpoint.pt"
 # Settings that may change between a run and its resumption without changing its result.
-RESUMABLE_CHANGES = ("device", "workers", "cuda_graphs")
+# settings a resumed run may change: where it runs, and where its data lies (the same data on another machine)
+RESUMABLE_CHANGES = ("device", "workers", "cuda_graphs", "data_dir")
 
 
 @dataclass
