@@ -593,23 +593,28 @@ def load_search_data(
         raise UsageError(
             f"train_portion {train_portion!r} is not valid; expected a number in (0, 1), e.g. 0.5"
         )
-    if image_size is not None and (not _is_int(image_size) or image_size < 1):
-        raise UsageError(f"image_size {image_size!r} is not valid; expected an int >= 1")
+    size = search_image_size(name, image_size)
     if not _is_int(workers) or workers < 0:
         raise UsageError(f"workers {workers!r} is not valid; expected an int >= 0")
     batch_size, seed, workers = int(batch_size), int(seed), int(workers)
     train_portion = float(train_portion)
+    if name == "digits":
+        return _load_digits(batch_size, seed, train_portion)
+    if name == "cifar10":
+        return _load_cifar10(data_dir, batch_size, seed, train_portion)
+    return _load_imagenet(data_dir, batch_size, seed, train_portion, size, workers)
 
+
+def search_image_size(name: str, image_size: int | None = None) -> int:
+    """The side length of the images :func:`load_search_data` yields for these arguments, known before any data
+    is read (so that a supernet can refuse it before an ImageNet tree is scanned): 8 for digits, 32 for
+    cifar10, ``image_size`` (default 224) for imagenet. Raises UsageError for a size the dataset cannot give."""
+    if image_size is not None and (not _is_int(image_size) or image_size < 1):
+        raise UsageError(f"image_size {image_size!r} is not valid; expected an int >= 1")
     native = {"digits": 8, "cifar10": 32}
     if name in native and image_size is not None and int(image_size) != native[name]:
         raise UsageError(
             f"image_size {image_size!r} is not valid for {name}, whose images are "
             f"{native[name]}x{native[name]}; expected {native[name]} or none (image_size applies to imagenet)"
         )
-    if name == "digits":
-        return _load_digits(batch_size, seed, train_portion)
-    if name == "cifar10":
-        return _load_cifar10(data_dir, batch_size, seed, train_portion)
-    return _load_imagenet(
-        data_dir, batch_size, seed, train_portion, 224 if image_size is None else int(image_size), workers
-    )
+    return native.get(name, 224 if image_size is None else int(image_size))

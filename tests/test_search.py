@@ -204,6 +204,13 @@ def test_an_image_size_that_halves_to_an_odd_size_is_refused():
         Search(SearchConfig(space="darts-imagenet", **TINY))
 
 
+def test_a_bad_image_size_is_refused_before_the_data_is_read(tmp_path):
+    # (an ImageNet tree's scan takes minutes: the folder here does not even exist)
+    cfg = SearchConfig(**TINY, data="imagenet", data_dir=str(tmp_path / "missing"), image_size=10)
+    with pytest.raises(UsageError, match="image size 10 is halved at an odd size"):
+        Search(cfg)
+
+
 def test_a_batch_of_one_image_on_1x1_feature_maps_is_refused(tmp_path):
     # 4x4 images reach the last cells at 1x1, where BatchNorm cannot train on one image
     assert check_image_size(DARTS, 3, 4) == 1 and check_image_size(DARTS, 3, 8) == 2

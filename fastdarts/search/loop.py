@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastdarts.data import DATASETS, Loader, load_search_data
+from fastdarts.data import DATASETS, Loader, load_search_data, search_image_size
 from fastdarts.errors import UsageError
 from fastdarts.nn import SearchNetwork
 from fastdarts.nn.network import check_image_size
@@ -257,11 +257,15 @@ class Search:
         algo = ALGORITHMS[config.algo]
         space = get_space(config.space)
         self.space = dataclasses.replace(space, affine=True) if algo.random_features else space
+        # the image size is checked against the supernet before any data is read (an ImageNet tree's scan)
+        last_size = check_image_size(
+            self.space, config.layers, search_image_size(config.data, config.image_size)
+        )
         self.data = load_search_data(
             config.data, data_dir=config.data_dir, batch_size=config.batch_size, seed=config.seed,
             train_portion=config.train_portion, image_size=config.image_size, workers=config.workers,
         )  # fmt: skip
-        if check_image_size(self.space, config.layers, self.data.image_size) == 1:
+        if last_size == 1:
             _check_single_image_batches(
                 self.data.image_size, weight=self.data.train, architecture=self.data.val
             )
