@@ -318,6 +318,19 @@ class Architect(_architect.Architect):
     def __init__(self, net: SearchCNNController, w_momentum: float, w_weight_decay: float):
         super().__init__(net, _architect.ArchitectConfig(order="second"), w_momentum, w_weight_decay)
 
+    # pt.darts' attribute names (no v_net: the model is never copied)
+    @property
+    def net(self) -> SearchCNNController:
+        return self.model
+
+    @property
+    def w_momentum(self) -> float:
+        return self.network_momentum
+
+    @property
+    def w_weight_decay(self) -> float:
+        return self.network_weight_decay
+
     def unrolled_backward(
         self,
         trn_X: Tensor,
