@@ -112,7 +112,12 @@ STEPS += [("pcdarts-cifar-b256", "first"), ("pcdarts-imagenet-b128", "first")]
 MIXED_SHAPES = [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8), (256, 16, 32, 32)]
 # (B, C, H, W, stride, K) of a PC-DARTS edge's input: CIFAR batch 256 normal and reduction edges, ImageNet 128
 PARTIAL_SHAPES = [(256, 16, 32, 32, 1, 4), (256, 32, 32, 32, 2, 4), (128, 16, 28, 28, 1, 2)]
-COMPAT = {"darts": 64, "ptdarts": 64, "pcdarts": 256}  # each original's own batch size
+COMPAT = (
+    "darts",
+    "ptdarts",
+    "pcdarts",
+    "pcdarts-imagenet",
+)  # at each original's own shapes (bench_compat.CASES)
 IMPL_BACKEND = {"fastdarts": "auto", "reference": "reference", "reference-compiled": "reference"}
 # the impls fastdarts is compared against; every other impl is fastdarts or one of its options
 BASELINES = ("reference", "reference-compiled", "original", "copy")
@@ -252,11 +257,11 @@ def _partial_case(shape, pass_: str, impl: str, device):
 
 
 def _compat_case(base: str, quick: bool, impl: str, device):
-    from benchmarks.bench_compat import compat_loop  # imports the originals' oracles from tests/
+    from benchmarks.bench_compat import CASES, compat_loop  # imports the originals' oracles from tests/
 
     if quick:
-        return compat_loop(base, impl, device, 2, C=8, layers=3)
-    return compat_loop(base, impl, device, COMPAT[base])
+        return compat_loop(base, impl, device, 2, C=8, layers=3, image_size=32)
+    return compat_loop(base, impl, device, CASES[base][0])
 
 
 def agreement(net: Net, steps: int, device) -> dict:

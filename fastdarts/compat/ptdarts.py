@@ -9,7 +9,8 @@ Module, parameter and buffer names and shapes are pt.darts' (``alpha_normal.0``,
 
 Differences, on purpose:
 - ``Architect.unrolled_backward`` divides the finite difference by 2 eps. pt.darts computes
-  ``(p - n) / 2. * eps``, which multiplies by eps / 2, so its Hessian term is eps^2 / 4 times too small.
+  ``(p - n) / 2. * eps``, which multiplies by eps / 2 where it should divide by 2 eps, so its Hessian term is
+  eps^2 times the right one.
 - No deep copy of the network: the network's own weights take the unrolled and perturbed values in place and are
   put back bit-exactly, and the BatchNorm running statistics those extra passes move are put back too.
 - One device: ``device_ids`` with more than one GPU is refused (pt.darts scatters the batch over them).

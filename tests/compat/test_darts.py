@@ -132,19 +132,28 @@ def test_architect_step_matches_the_original_in_fp64(base, unrolled):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=n)
 
 
-def test_patching_only_the_mixed_op_of_the_original(monkeypatch):
-    _, plain = build()
-    monkeypatch.setattr(originals, "MixedOp", darts.MixedOp)
-    _, patched = build()
-    assert any(isinstance(m, darts.MixedOp) for m in patched.modules())
+def test_patching_only_the_mixed_op_of_the_original(monkeypatch, base):
+    compat, oracle = PAIRS[base]
+    _, plain = build(base)
+    if base == "darts":  # model_search.MixedOp = fastdarts.compat.darts.MixedOp
+        monkeypatch.setattr(originals, "MixedOp", darts.MixedOp)
+    else:  # the same for PC-DARTS (its cells name their edge class)
+        monkeypatch.setattr(oracle.cell, "edge", compat.MixedOp)
+    _, patched = build(base)
+    assert any(isinstance(m, compat.MixedOp) for m in patched.modules())
     assert list(patched.state_dict()) == list(plain.state_dict())
     patched.load_state_dict(plain.state_dict())
-    x, y = batch()
+    x, y = inputs(base)
     lp, lo = patched._loss(x, y), plain._loss(x, y)
     torch.testing.assert_close(lp, lo, rtol=1e-5, atol=1e-5)
     lp.backward(), lo.backward()
     for a, b in zip(patched.arch_parameters(), plain.arch_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    for (n, a), b in zip(patched.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5, msg=n)
+    # the running statistics too (PC-DARTS' ImageNet cell calls each patched edge twice, as it did its own)
+    for (n, a), b in zip(patched.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_genotype_is_the_originals(base):

@@ -99,6 +99,23 @@ def test_unrolled_backward_is_the_second_order_gradient_done_right():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
 
+def test_patching_only_the_mixed_op_of_the_original(monkeypatch):
+    _, plain = build()
+    monkeypatch.setattr(originals, "PtMixedOp", ptdarts.MixedOp)  # models.search_cells.MixedOp = ...
+    _, patched = build()
+    assert any(isinstance(m, ptdarts.MixedOp) for m in patched.modules())
+    assert list(patched.state_dict()) == list(plain.state_dict())
+    patched.load_state_dict(plain.state_dict())
+    x, y = batch()
+    lp, lo = patched.loss(x, y), plain.loss(x, y)
+    torch.testing.assert_close(lp, lo, rtol=1e-5, atol=1e-5)
+    lp.backward(), lo.backward()
+    for (n, a), b in zip(patched.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5, msg=n)
+    for (n, a), b in zip(patched.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_genotype_is_the_originals_rule():
     for seed in range(5):
         ours, _ = build(seed)
