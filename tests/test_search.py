@@ -1,6 +1,7 @@
 """The search loop on the embedded digits data: results, checkpoints, resumption."""
 
 import json
+import math
 import os
 import shutil
 
@@ -11,9 +12,11 @@ from torch import nn
 from fastdarts import backend
 from fastdarts.errors import UsageError
 from fastdarts.nn import SearchNetwork
+from fastdarts.nn.cell import PartialMixedOp
 from fastdarts.nn.network import check_image_size
 from fastdarts.nn.operations import PoolBN
 from fastdarts.search import Architect, ArchitectConfig, Search, SearchConfig, run_search
+from fastdarts.search.algorithms import freeze_random_features
 from fastdarts.search.checkpoint import load_checkpoint, save_atomic
 from fastdarts.select import Genotype, derive_genotype
 from fastdarts.spaces import DARTS
@@ -241,8 +244,11 @@ def test_pcdarts_search_learns_betas_and_ranks_edges_by_them(tmp_path):
     )
 
 
-def test_rf_darts_trains_only_batchnorm_affine_weights_and_alphas():
-    search = Search(SearchConfig(algo="rf-darts", epochs=1, **TINY))
+@pytest.mark.parametrize(
+    "algo, order", [("rf-darts", "first"), ("rf-pcdarts", "first"), ("rf-darts", "second")]
+)
+def test_random_features_train_only_batchnorm_affine_weights_and_arch_parameters(algo, order):
+    search = Search(SearchConfig(algo=algo, order=order, epochs=1, **TINY))
     model = search.model
     after_pool = {id(m[1]) for m in model.modules() if isinstance(m, PoolBN)}
     bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
@@ -252,7 +258,32 @@ def test_rf_darts_trains_only_batchnorm_affine_weights_and_alphas():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     search.run()
     moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert moved == trained | {"alphas_normal", "alphas_reduce"}
+    arch = {n for n, p in model.named_parameters() if any(p is a for a in model.arch_parameters())}
+    assert len(arch) == (4 if algo == "rf-pcdarts" else 2) and arch <= moved
+    # the weight optimiser holds the BatchNorm affine weights alone, and nothing else moved (a trained weight may
+    # stay put where its gradient and weight decay cancel below float32's resolution)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in search.weights} == trained and moved - arch <= trained
+    assert len(moved - arch) > 0.9 * len(trained)
+
+
+def test_random_features_refuse_a_supernet_without_affine_batchnorm():
+    # the cells' BatchNorms are what random features train: without affine only the stem's would
+    with pytest.raises(UsageError, match="affine"):
+        freeze_random_features(SearchNetwork(4, 5, 3))
+
+
+def test_the_search_builds_its_supernet_with_the_resolved_partial_channels(tmp_path):
+    # PC-DARTS' ImageNet search: K = 2 by default, the ImageNet stem; a whole epoch on 32x32 images
+    root = write_image_folder(tmp_path)
+    cfg = {**TINY, "data": "imagenet", "data_dir": str(root), "image_size": 32, "batch_size": 4}
+    search = Search(SearchConfig(space="darts-imagenet", algo="pcdarts", epochs=1, **cfg))
+    assert {e.groups for e in search.model.modules() if isinstance(e, PartialMixedOp)} == {2}
+    assert hasattr(search.model, "stem0") and search.model.alphas_normal.shape == (14, 8)
+    search.run()
+    assert search.epoch == 1 and math.isfinite(search.history[0].val_loss)
+    darts_k2 = Search(SearchConfig(algo="pcdarts", partial_channels=2, **TINY)).model
+    assert {e.groups for e in darts_k2.modules() if isinstance(e, PartialMixedOp)} == {2}
 
 
 def test_history_round_trips_through_the_checkpoint(tmp_path):

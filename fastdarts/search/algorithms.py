@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from fastdarts.errors import UsageError
 from fastdarts.nn import SearchNetwork
 
 
@@ -52,6 +53,16 @@ def freeze_random_features(model: SearchNetwork) -> list[nn.Parameter]:
     Returns:
         The weights that still train: the BatchNorm weights and biases, in ``named_parameters`` order.
     """
+    if not any(
+        m.affine
+        for cell in model.cells
+        for m in cell.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ):
+        raise UsageError(
+            "random features train the cells' BatchNorm affine weights, but this supernet's cells have none: "
+            "build it with affine=True (dataclasses.replace(space, affine=True))"
+        )
     batch_norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                   for p in m.parameters(recurse=False)}  # fmt: skip
     for p in model.weight_parameters():
