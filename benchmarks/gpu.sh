@@ -14,6 +14,8 @@
 #   bash benchmarks/gpu.sh bench --only 'step/cifar-b64/*,hvp/*,agreement*'
 #   bash benchmarks/gpu.sh bench --only 'step/cifar-b256/*,step/pcdarts*,op/*' --merge
 #   bash benchmarks/gpu.sh bench --only 'step/imagenet*,compat/*' --merge
+# and, where the time allows, the reference under torch.compile (each compile may take minutes; --compile-timeout):
+#   bash benchmarks/gpu.sh bench --only 'step/cifar-b64/*' --compile --merge
 #
 # TORCH_CUDA_ARCH_LIST defaults to the GPU's own architecture here (one arch compiles in half the time of two).
 set -euo pipefail

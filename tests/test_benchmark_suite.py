@@ -28,7 +28,7 @@ def test_quick_suite_measures_every_selected_case(tmp_path, capsys):
         "step/cifar-b64/first": steps | {"fastdarts-batched", "fastdarts-recompute"},
         "step/cifar-b64/second": steps
         | {"fastdarts-batched", "fastdarts-recompute", "fastdarts-hvp-batched"},
-        "hvp/cifar-b64": {"fastdarts", "fastdarts-batched", "reference"},
+        "hvp/cifar-b64": {"fastdarts", "fastdarts-batched", "fastdarts-reference-cells", "reference"},
         "op/mixed_op/2x4x4x4/forward+backward": {"fastdarts", "reference"},
         "op/partial_channel/2x8x4x4x2x4/forward": {"fastdarts", "reference", "copy"},
         "compat/darts": {"fastdarts", "original"},
@@ -42,6 +42,7 @@ def test_quick_suite_measures_every_selected_case(tmp_path, capsys):
     agreement = results["agreement"]
     # Adam moves each alpha by at most about its learning rate (3e-4) per step, whatever the gradient
     assert 0 <= agreement["max_abs_alpha_diff"] < 2 * agreement["steps"] * 3e-4
+    assert agreement["within_1e-3"] == (agreement["max_abs_alpha_diff"] <= 1e-3)
     table = capsys.readouterr().out
     assert "| step/cifar-b64/first (reference) |" in table and "second/first order (fastdarts)" in table
     assert "second/first order (fastdarts-hvp-batched)" in table
