@@ -138,15 +138,22 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config(args: argparse.Namespace):
+    """The SearchConfig of parsed ``search`` arguments: each setting from the flag of its name."""
+    from fastdarts.search import SearchConfig
+
+    fields = {f.name for f in dataclasses.fields(SearchConfig)}
+    return SearchConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
 def _search(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from fastdarts.backend import tune_cpu_allocator
-    from fastdarts.search import SearchConfig, run_search
+    from fastdarts.search import run_search
 
     tune_cpu_allocator()
-    fields = {f.name for f in dataclasses.fields(SearchConfig)}
-    config = SearchConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    config = _config(args)
     bar: tqdm | None = None
 
     def on_batch(epoch: int, step: int, steps: int, loss: float, acc: float) -> None:

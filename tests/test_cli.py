@@ -58,6 +58,33 @@ def test_usage_errors_are_one_line_with_exit_status_2(tmp_path, args, message):
     assert message in lines[0]
 
 
+def test_every_search_setting_has_its_flag():
+    from fastdarts.cli import _build_parser, _config
+    from fastdarts.search import SearchConfig
+
+    parser = _build_parser()
+    flags = [
+        "--space", "darts-imagenet", "--algo", "rf-pcdarts", "--order", "second", "--hvp", "fd-batched",
+        "--partial-channels", "2", "--data", "cifar10", "--data-dir", "d", "--workers", "3",
+        "--train-portion", "0.6", "--epochs", "7", "--batch-size", "9", "--seed", "5", "--layers", "4",
+        "--init-channels", "12", "--lr", "0.2", "--lr-min", "0.01", "--momentum", "0.8", "--weight-decay", "0.1",
+        "--grad-clip", "3", "--arch-lr", "0.5", "--arch-weight-decay", "0.2", "--arch-warmup-epochs", "2",
+        "--device", "cpu", "--track-eigenvalue", "--early-stop", "eigenvalue", "--amp", "bf16",
+        "--channels-last", "--cuda-graphs", "--recompute-edges", "--image-size", "64",
+    ]  # fmt: skip
+    config = _config(parser.parse_args(["search", "--out", "x", *flags]))
+    default = SearchConfig()
+    # every setting has a flag that reaches it (a renamed field or flag would leave its default here)
+    changed = {f for f in vars(config) if getattr(config, f) != getattr(default, f)}
+    assert changed == set(vars(default))
+    assert (config.hvp, config.track_eigenvalue, config.data_dir, config.image_size) == (
+        "fd-batched",
+        True,
+        "d",
+        64,
+    )
+
+
 def test_corrupt_checkpoint_is_a_usage_error(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "checkpoint.pt").write_bytes(b"\x00garbage")
