@@ -113,12 +113,8 @@ STEPS += [("pcdarts-cifar-b256", "first"), ("pcdarts-imagenet-b128", "first")]
 MIXED_SHAPES = [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8), (256, 16, 32, 32)]
 # (B, C, H, W, stride, K) of a PC-DARTS edge's input: CIFAR batch 256 normal and reduction edges, ImageNet 128
 PARTIAL_SHAPES = [(256, 16, 32, 32, 1, 4), (256, 32, 32, 32, 2, 4), (128, 16, 28, 28, 1, 2)]
-COMPAT = (
-    "darts",
-    "ptdarts",
-    "pcdarts",
-    "pcdarts-imagenet",
-)  # at each original's own shapes (bench_compat.CASES)
+# the code bases' own loops, at each original's own shapes (bench_compat.CASES)
+COMPAT = ("darts", "ptdarts", "pcdarts", "pcdarts-imagenet")
 IMPL_BACKEND = {"fastdarts": "auto", "reference": "reference", "reference-compiled": "reference",
                 "fastdarts-reference-cells": "reference"}  # fmt: skip
 # the impls fastdarts is compared against; every other impl is fastdarts or one of its options
