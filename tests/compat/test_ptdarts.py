@@ -107,13 +107,7 @@ def test_patching_only_the_mixed_op_of_the_original(monkeypatch):
     assert list(patched.state_dict()) == list(plain.state_dict())
     patched.load_state_dict(plain.state_dict())
     x, y = batch()
-    lp, lo = patched.loss(x, y), plain.loss(x, y)
-    torch.testing.assert_close(lp, lo, rtol=1e-5, atol=1e-5)
-    lp.backward(), lo.backward()
-    for (n, a), b in zip(patched.named_parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5, msg=n)
-    for (n, a), b in zip(patched.state_dict().items(), plain.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    assert_same_training_pass(patched, plain, lambda: patched.loss(x, y), lambda: plain.loss(x, y))
 
 
 def test_genotype_is_the_originals_rule():
