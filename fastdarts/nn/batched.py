@@ -13,7 +13,7 @@ and within a group each candidate is one call for all its edges:
   second units;
 - each pool once over the repeated input, FactorizedReduce's two 1x1 convolutions as grouped ones;
 - the weighted sum as one multiply-and-sum per normalised block, and the edges' sums added into their nodes in
-  one add per group (1,111 calls for that forward);
+  one add per group (999 calls for that forward);
 - each BatchNorm call and the weighted sum after it as one autograd node (:class:`_NormWeighted`) that keeps for
   the backward the convolutions' outputs and the pools' input, not the pools' outputs, the max pool's indices or
   the normalised candidates: those are computed again in the backward (0.57 of the edge-by-edge activation
@@ -21,8 +21,8 @@ and within a group each candidate is one call for all its edges:
 
 The weights stay where they are, in each edge's own modules, so state dicts, optimisers and the compat layers
 see no difference: a group gathers every parameter it reads with one concatenation (whose backward only splits
-the gradient), and the running statistics of each BatchNorm call with one, copied back with one multi-tensor
-copy. The arithmetic is the modules' (a grouped convolution computes each group as its own convolution);
+the gradient), and a cell the running statistics of all its BatchNorm calls with one, copied back with one
+multi-tensor copy. The arithmetic is the modules' (a grouped convolution computes each group as its own convolution);
 summation orders differ. PC-DARTS' edges batch the same way on their first C / K channels, and one
 :func:`fastdarts.ops.partial_channel` call adds the bypass and shuffles for all of a group's edges. With
 ``recompute_edges`` a group keeps only its inputs for the backward, which runs its forward again (activation
@@ -103,6 +103,10 @@ class Blocks:
     @cached_property
     def buffers(self) -> tuple[list[dict], list[dict]]:
         return tuple([bn._buffers for bn in self.batch_norms(unit)] for unit in (0, 1))
+
+    @cached_property
+    def stat_sizes(self) -> tuple[int, int]:
+        return tuple(sum(bn.num_features for bn in self.batch_norms(unit)) for unit in (0, 1))
 
     @cached_property
     def refs(self) -> list[list[tuple[dict, str, nn.Module]]]:
@@ -258,38 +262,60 @@ def _norm_weighted(
     w: Tensor | None,
     E: int,
     bn: nn.BatchNorm2d,
-    buffers: Sequence[dict],
+    running: tuple[Tensor | None, Tensor | None],
     affine: Sequence[Tensor],
-    counters: list,
-    stats: str,
+    training: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
     """One BatchNorm call of a group and the weighted sum of the candidates it normalises (:class:`_NormWeighted`).
 
     The call normalises ``z = cat([convs, *pools(x), post])`` [B, N, Ho, Wo], channel blocks by their own
-    BatchNorms (their ``buffers`` dicts; ``bn`` the first, for the settings they share), their running statistics
-    gathered into one tensor. Its first ``lead`` channels (the separable convolutions' first units) are returned
-    as they are; the rest, n blocks of E * C channels, are summed weighted per edge by ``w`` [n * E]: [B, E, C * Ho
-    * Wo]. stats: "train" (batch statistics; the running ones updated in the gathered tensor and copied back with
-    one multi-tensor copy, except when a backward recomputes the forward), "eval" (the running statistics) or
-    "batch" (batch statistics, the running ones None, as inside ``torch.func.functional_call`` with them left out);
-    decided at the forward, since a recomputation runs outside a functional_call's swap. affine: the gathered
-    (weight, bias), or empty. Returns (the lead channels or None, the weighted sum or None)."""
+    BatchNorms (``bn`` the first, for the settings they share) with their running statistics ``running`` gathered
+    (:func:`_gather_running`; None, None: none), with the batch statistics when ``training`` (the gathered running
+    ones then updated in place), else with the running ones. Its first ``lead`` channels (the separable
+    convolutions' first units) are returned as they are; the rest, n blocks of E * C channels, are summed weighted
+    per edge by ``w`` [n * E]: [B, E, C * Ho * Wo]. affine: the gathered (weight, bias), or empty. Returns (the
+    lead channels or None, the weighted sum or None)."""
     weight, bias = affine if affine else (None, None)
-    running, mean, var = [], None, None
-    if stats != "batch":
-        running = [d["running_mean"] for d in buffers] + [d["running_var"] for d in buffers]
-        both = torch.cat(running)
-        mean, var = both.split(both.numel() // 2)
-    spec = _Spec(pools, stride, lead, E, stats != "eval", bn.momentum, bn.eps)
+    spec = _Spec(pools, stride, lead, E, training, bn.momentum, bn.eps)
     if torch._C._functorch.peek_interpreter_stack() is None:
-        lead_y, out = _NormWeighted.apply(spec, x, convs, post, weight, bias, mean, var, w)
-    else:  # inside vmap or grad (--hvp fd-batched): autograd.Function has no batching rule here
-        lead_y, out = _norm_weighted_ref(spec, x, convs, post, weight, bias, mean, var, w, bn.momentum)
-    if stats == "train" and torch._C._current_graph_task_id() == -1:  # (not a backward's recomputation: kept)
-        with torch.no_grad():
-            torch._foreach_copy_(running, list(both.split([s.numel() for s in running])))
-        counters.extend(d["num_batches_tracked"] for d in buffers if d["num_batches_tracked"] is not None)
-    return lead_y, out
+        return _NormWeighted.apply(spec, x, convs, post, weight, bias, *running, w)
+    # inside vmap or grad (--hvp fd-batched): autograd.Function has no batching rule here
+    return _norm_weighted_ref(spec, x, convs, post, weight, bias, *running, w, bn.momentum)
+
+
+def _stats(blocks: Blocks, training: bool) -> str:
+    """Which statistics a group's BatchNorms use: "train" (batch statistics, the running ones updated), "eval" (the
+    running ones) or "batch" (batch statistics, the running ones None, as inside ``torch.func.functional_call``
+    with them left out); decided at the forward, since a recomputation runs outside a functional_call's swap."""
+    bn = blocks.first_batch_norms[0] or blocks.first_batch_norms[1]
+    if bn is None or bn._buffers["running_mean"] is None:
+        return "batch"
+    return "train" if training else "eval"
+
+
+def _gather_running(
+    all_blocks: Sequence[Blocks], modes: Sequence[str]
+) -> tuple[list[Tensor], Tensor | None, list]:
+    """The running statistics of every BatchNorm call of a cell (its groups' whose mode is not "batch") in one
+    concatenation, so that a forward reads them with one call and copies them back with one: the buffers in order,
+    their concatenation (None for none), and per group and call the (mean, var) views of it ((None, None) for
+    none)."""
+    buffers, sizes = [], []
+    for blocks, mode in zip(all_blocks, modes):
+        if mode != "batch":
+            for dicts, size in zip(blocks.buffers, blocks.stat_sizes):
+                buffers += [d["running_mean"] for d in dicts] + [d["running_var"] for d in dicts]
+                sizes += [size, size] if dicts else []
+    both = torch.cat(buffers) if buffers else None
+    pieces = iter(both.split(sizes) if buffers else ())
+    views = [
+        [
+            (next(pieces), next(pieces)) if mode != "batch" and dicts else (None, None)
+            for dicts in blocks.buffers
+        ]
+        for blocks, mode in zip(all_blocks, modes)
+    ]
+    return buffers, both, views
 
 
 @dataclass(frozen=True)
@@ -460,16 +486,16 @@ def _chunks(blocks: Blocks) -> list[list[tuple[dict, str, nn.Module]]]:
 
 
 def _group(
-    x: Tensor, params, ws, E: int, stride: int, blocks: Blocks, counters: list, stats: str
+    x: Tensor, params, ws, E: int, stride: int, blocks: Blocks, running: list[tuple], training: bool
 ) -> Tensor | None:
     """The weighted sum of the normalised candidates of a group on its input repeated per edge, x [B, E * C, H, W],
     with its parameters ``params`` (an iterator over :func:`_split`'s tensors), the weights of its parts ``ws`` (an
-    iterator, in the order of :func:`_columns`) and BatchNorm statistics ``stats`` (see :func:`_norm_weighted`):
-    [B, E, C * Ho * Wo], or None for a group without such candidates."""
+    iterator, in the order of :func:`_columns`) and its two BatchNorm calls' running statistics and mode (see
+    :func:`_norm_weighted`): [B, E, C * Ho * Wo], or None for a group without such candidates."""
     B, EC = x.shape[:2]
     C = EC // E
     second = blocks.second()
-    (bn0, bn1), (buffers0, buffers1) = blocks.first_batch_norms, blocks.buffers
+    bn0, bn1 = blocks.first_batch_norms
     r = torch.relu(x) if blocks.units or blocks.factorized else None
     convs = _convs(r, blocks.units, 0, EC, params) if blocks.units else None
     factorized = []
@@ -489,14 +515,24 @@ def _group(
     weighted = len(blocks.units) - len(second) + len(pools) + len(factorized)
     affine = (next(params), next(params)) if bn0.affine else ()
     first, out = _norm_weighted(
-        x, convs, post, pools, stride, lead, next(ws) if weighted else None, E, bn0, buffers0, affine, counters,
-        stats,
-    )  # fmt: skip
+        x,
+        convs,
+        post,
+        pools,
+        stride,
+        lead,
+        next(ws) if weighted else None,
+        E,
+        bn0,
+        running[0],
+        affine,
+        training,
+    )
     if not second:
         return out
     p = _convs(torch.relu(first), second, 1, EC, params)
     affine = (next(params), next(params)) if bn1.affine else ()
-    _, out2 = _norm_weighted(None, p, None, (), 1, 0, next(ws), E, bn1, buffers1, affine, counters, stats)
+    _, out2 = _norm_weighted(None, p, None, (), 1, 0, next(ws), E, bn1, running[1], affine, training)
     return out2 if out is None else out + out2
 
 
@@ -566,9 +602,10 @@ def batched_cell(
     gathered = iter(flat[_index(p, K, w.device)].split(
         [len(c) * len(g.edges) for g, parts in zip(p.groups, p.parts) for c in parts]
     ))  # fmt: skip
-    counters: list[Tensor] = []
+    modes = [_stats(blocks, cell.training) for blocks in p.blocks]
+    buffers, both, running = _gather_running(p.blocks, modes)
     pending = None  # the sums of the nodes not yet complete, [B, n, C, H, W]
-    for group, blocks, part_columns in zip(p.groups, p.blocks, p.parts):
+    for group, blocks, part_columns, mode, group_running in zip(p.groups, p.blocks, p.parts, modes, running):
         E, sources = len(group.edges), group.sources
         per = E // len(sources)
         xs = [states[j] for j in sources]
@@ -590,20 +627,15 @@ def batched_cell(
             # weight's gradient is computed
             trained = [any(t.requires_grad for t in chunk) for chunk in chunks]
             params = [_flatten([c for c, g in zip(chunks, trained) if g == side]) for side in (True, False)]
-            bn = blocks.first_batch_norms[0] or blocks.first_batch_norms[1]
-            stats = (
-                "batch" if bn is None or bn._buffers["running_mean"] is None
-                else "train" if cell.training else "eval"
-            )  # fmt: skip
 
             def run_blocks(x, params, frozen, *ws, blocks=blocks, chunks=chunks, trained=trained, E=E,
-                           stride=group.stride, stats=stats):  # fmt: skip
+                           stride=group.stride, running=group_running, training=mode != "eval"):  # fmt: skip
                 """The group's batched blocks, weighted: a function of its arguments alone (recompute_edges)."""
                 sides = {g: iter(_split(cat, [c for c, t in zip(chunks, trained) if t == g]))
                          for g, cat in ((True, params), (False, frozen))}  # fmt: skip
                 views = iter([next(sides[g]) for g in trained])
                 ws = iter(ws)
-                out = _group(x, views, ws, E, stride, blocks, counters, stats)
+                out = _group(x, views, ws, E, stride, blocks, running, training)
                 if blocks.identity:
                     term = _weighted([x], [next(ws)], E)
                     out = term if out is None else out + term
@@ -633,6 +665,14 @@ def batched_cell(
         # the first node is complete (split, not indexed: the backward is one concatenation, not zeros and copies)
         node, pending = pending.split([1, pending.shape[1] - 1], 1)
         states.append(node.squeeze(1))
-    if counters:
-        torch._foreach_add_(counters, 1)
+    if "train" in modes and torch._C._current_graph_task_id() == -1:  # (not a backward's recomputation)
+        with torch.no_grad():
+            torch._foreach_copy_(buffers, list(both.split([t.numel() for t in buffers])))
+        counters = [
+            d["num_batches_tracked"]
+            for blocks, mode in zip(p.blocks, modes) if mode == "train"
+            for dicts in blocks.buffers for d in dicts if d["num_batches_tracked"] is not None
+        ]  # fmt: skip
+        if counters:
+            torch._foreach_add_(counters, 1)
     return torch.cat(states[-cell._multiplier :], dim=1)
