@@ -7,6 +7,7 @@ the same autocast.
 """
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from benchmarks.run import aten_calls
 from fastdarts.nn import SearchNetwork, batched
 from fastdarts.search import Architect, ArchitectConfig
+from fastdarts.spaces import DARTS
 from tests.conftest import DEVICES
 from tests.helpers import batch, tiny_network
 
@@ -222,6 +224,30 @@ def test_second_order_through_batched_cells(hvp, recompute):
         for net in (model, other)
     ]
     assert max(_rel(b, a) for a, b in zip(*grads)) < 1e-8
+
+
+@pytest.mark.parametrize("case", ["no-pools", "frozen-weights"])
+def test_double_backward_without_pools_or_trained_weights(case):
+    # the alphas' Hessian-vector product through batched cells whose groups keep no pool input (a space without
+    # pools, as RobustDARTS S3) or whose only trained tensors are the alphas (frozen weights, no affine)
+    space = (
+        DARTS
+        if case == "frozen-weights"
+        else replace(DARTS, primitives=("none", "skip_connect", "sep_conv_3x3"))
+    )
+    model, other = _pair(space=space)
+    x, y = batch(dtype=torch.float64)
+    products = []
+    for net in (model, other):
+        if case == "frozen-weights":
+            for w in net.weight_parameters():
+                w.requires_grad_(False)
+        alphas = net.arch_parameters()
+        grads = torch.autograd.grad(net.loss(x, y), alphas, create_graph=True)
+        gen = torch.Generator().manual_seed(0)  # (not ones: the softmax is flat along them)
+        v = [torch.randn(a.shape, generator=gen, dtype=a.dtype) for a in alphas]
+        products.append(torch.autograd.grad(grads, alphas, v))
+    assert max(_rel(b, a) for a, b in zip(*products)) < 1e-8
 
 
 def test_bf16_autocast_within_tolerance():

@@ -17,7 +17,7 @@ and within a group each candidate is one call for all its edges:
 - each BatchNorm call and the weighted sum after it as one autograd node (:class:`_NormWeighted`) that keeps for
   the backward the convolutions' outputs and the pools' input, not the pools' outputs, the max pool's indices or
   the normalised candidates: those are computed again in the backward (0.57 of the edge-by-edge activation
-  memory instead of 0.95, for about 10% more calls in a backward).
+  memory instead of 0.95, for about 18% more calls in a backward).
 
 The weights stay where they are, in each edge's own modules, so state dicts, optimisers and the compat layers
 see no difference: a group gathers every parameter it reads with one concatenation (whose backward only splits
@@ -388,13 +388,18 @@ class _NormWeighted(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: the plain ops again, on their own handles of the inputs
             inputs = [None if t is None else t.view_as(t) for t in (x, convs, post, weight, bias, w)]
             outputs = _norm_weighted_ref(spec, *inputs[:5], mean, var, inputs[5], 0.0)
-            pairs = [
-                (o, g) for o, g in zip(outputs, (grad_lead, grad_out)) if o is not None and g is not None
+            # (x is not kept without pools; an output of only constants, as with frozen weights, has no graph)
+            pairs = [(o, g) for o, g in zip(outputs, (grad_lead, grad_out)) if g is not None and o is not None
+                     and o.requires_grad]  # fmt: skip
+            asked = [
+                need and t is not None and t.requires_grad for t, need in zip(inputs, needs[1:6] + needs[8:])
             ]
-            wanted = [t for t, need in zip(inputs, needs[1:6] + needs[8:]) if need]
-            ys, grads = zip(*pairs)
-            found = iter(torch.autograd.grad(ys, wanted, grads, create_graph=True, allow_unused=True))
-            grads = [next(found) if need else None for need in needs[1:6] + needs[8:]]
+            wanted = [t for t, a in zip(inputs, asked) if a]
+            found = iter(())
+            if pairs and wanted:
+                ys, grads = zip(*pairs)
+                found = iter(torch.autograd.grad(ys, wanted, grads, create_graph=True, allow_unused=True))
+            grads = [next(found) if a and pairs else None for a in asked]
             return None, *grads[:5], None, None, grads[5]
         pooled = _pooled(spec, x, indices=True)
         z = _cat([convs, *(p[0] if isinstance(p, tuple) else p for p in pooled), post])
@@ -412,7 +417,7 @@ class _NormWeighted(torch.autograd.Function):
             g = grad_out.unsqueeze(1)
             if needs[8]:
                 grad_w = (y.reshape(B, n, spec.E, -1) * g).sum((0, 3)).view(-1).to(w.dtype)
-            grad_rest = (g * w.view(1, n, spec.E, 1)).view(B, N - lead, Ho, Wo).to(ctx.dtype)
+            grad_rest = (g * w.view(1, n, spec.E, 1)).reshape(B, N - lead, Ho, Wo).to(ctx.dtype)
             grad_y = grad_rest if not lead else torch.cat([grad_lead, grad_rest], 1)
         grad_z, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad_y, z, weight, mean, var, save_mean, save_invstd, spec.training, spec.eps,
