@@ -295,16 +295,17 @@ def _stats(blocks: Blocks, training: bool) -> str:
 
 def _gather_running(
     all_blocks: Sequence[Blocks], modes: Sequence[str]
-) -> tuple[list[Tensor], Tensor | None, list]:
+) -> tuple[list[Tensor], list[Tensor], Tensor | None, list]:
     """The running statistics of every BatchNorm call of a cell (its groups' whose mode is not "batch") in one
     concatenation, so that a forward reads them with one call and copies them back with one: the buffers in order,
-    their concatenation (None for none), and per group and call the (mean, var) views of it ((None, None) for
-    none)."""
-    buffers, sizes = [], []
+    their num_batches_tracked, their concatenation (None for none), and per group and call the (mean, var) views
+    of it ((None, None) for none)."""
+    buffers, counters, sizes = [], [], []
     for blocks, mode in zip(all_blocks, modes):
         if mode != "batch":
             for dicts, size in zip(blocks.buffers, blocks.stat_sizes):
                 buffers += [d["running_mean"] for d in dicts] + [d["running_var"] for d in dicts]
+                counters += [d["num_batches_tracked"] for d in dicts if d["num_batches_tracked"] is not None]
                 sizes += [size, size] if dicts else []
     both = torch.cat(buffers) if buffers else None
     pieces = iter(both.split(sizes) if buffers else ())
@@ -315,7 +316,7 @@ def _gather_running(
         ]
         for blocks, mode in zip(all_blocks, modes)
     ]
-    return buffers, both, views
+    return buffers, counters, both, views
 
 
 @dataclass(frozen=True)
@@ -332,15 +333,18 @@ class _Spec:
     eps: float
 
 
-def _pooled(spec: _Spec, x: Tensor | None, indices: bool = False) -> list:
-    """The pools of x (with ``indices``: the max pool as (output, indices), for its backward)."""
-    out = []
-    for kind in spec.pools:
-        if kind == "max" and indices:
-            out.append(torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [spec.stride] * 2, [1, 1]))
-        else:
-            out.append((_max_pool if kind == "max" else _avg_pool)(x, spec.stride))
-    return out
+def _pooled(spec: _Spec, x: Tensor | None) -> list[Tensor]:
+    """The pools of x."""
+    return [(_max_pool if kind == "max" else _avg_pool)(x, spec.stride) for kind in spec.pools]
+
+
+def _pooled_with_indices(spec: _Spec, x: Tensor | None) -> list[tuple[Tensor, Tensor | None]]:
+    """The pools of x, each with its indices for the backward (the max pool's; None for the average)."""
+    return [
+        torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [spec.stride] * 2, [1, 1])
+        if kind == "max" else (_avg_pool(x, spec.stride), None)
+        for kind in spec.pools
+    ]  # fmt: skip
 
 
 def _cat(pieces: Sequence[Tensor | None]) -> Tensor:
@@ -401,8 +405,8 @@ class _NormWeighted(torch.autograd.Function):
                 found = iter(torch.autograd.grad(ys, wanted, grads, create_graph=True, allow_unused=True))
             grads = [next(found) if a and pairs else None for a in asked]
             return None, *grads[:5], None, None, grads[5]
-        pooled = _pooled(spec, x, indices=True)
-        z = _cat([convs, *(p[0] if isinstance(p, tuple) else p for p in pooled), post])
+        pooled = _pooled_with_indices(spec, x)
+        z = _cat([convs, *(p for p, _ in pooled), post])
         B, N, Ho, Wo = z.shape
         grad_y, grad_w = grad_lead, None  # (None: that output is None, no lead channels or no rest)
         if grad_out is not None:
@@ -429,10 +433,10 @@ class _NormWeighted(torch.autograd.Function):
         )
         grad_x = None
         if needs[1]:
-            for kind, g_pool, p in zip(spec.pools, grad_pools, pooled):
+            for kind, g_pool, (_, indices) in zip(spec.pools, grad_pools, pooled):
                 if kind == "max":
                     g_x = torch.ops.aten.max_pool2d_with_indices_backward(
-                        g_pool, x, [3, 3], [spec.stride] * 2, [1, 1], [1, 1], False, p[1]
+                        g_pool, x, [3, 3], [spec.stride] * 2, [1, 1], [1, 1], False, indices
                     )
                 else:
                     g_x = torch.ops.aten.avg_pool2d_backward(
@@ -608,7 +612,7 @@ def batched_cell(
         [len(c) * len(g.edges) for g, parts in zip(p.groups, p.parts) for c in parts]
     ))  # fmt: skip
     modes = [_stats(blocks, cell.training) for blocks in p.blocks]
-    buffers, both, running = _gather_running(p.blocks, modes)
+    buffers, counters, both, running = _gather_running(p.blocks, modes)
     pending = None  # the sums of the nodes not yet complete, [B, n, C, H, W]
     for group, blocks, part_columns, mode, group_running in zip(p.groups, p.blocks, p.parts, modes, running):
         E, sources = len(group.edges), group.sources
@@ -670,14 +674,10 @@ def batched_cell(
         # the first node is complete (split, not indexed: the backward is one concatenation, not zeros and copies)
         node, pending = pending.split([1, pending.shape[1] - 1], 1)
         states.append(node.squeeze(1))
+    # (a cell trains or evaluates as a whole: with one group in "train", every gathered one is)
     if "train" in modes and torch._C._current_graph_task_id() == -1:  # (not a backward's recomputation)
         with torch.no_grad():
             torch._foreach_copy_(buffers, list(both.split([t.numel() for t in buffers])))
-        counters = [
-            d["num_batches_tracked"]
-            for blocks, mode in zip(p.blocks, modes) if mode == "train"
-            for dicts in blocks.buffers for d in dicts if d["num_batches_tracked"] is not None
-        ]  # fmt: skip
         if counters:
             torch._foreach_add_(counters, 1)
     return torch.cat(states[-cell._multiplier :], dim=1)
