@@ -26,7 +26,7 @@ TORCH_LIBRARY(fastdarts_C, m) {
   m.def("mixed_op_backward(Tensor grad, Tensor[] xs, Tensor weights) -> (Tensor[], Tensor)");
   // out[b, c] = x[b, c] (*) weight[c, 0], stride s, zero padding p, dilation d
   m.def("depthwise_conv(Tensor x, Tensor weight, int stride, int padding, int dilation) -> Tensor");
-  // (grad_x, grad_weight), each computed only where output_mask says so
+  // (grad_x, grad_weight), each computed only where output_mask says so (empty elsewhere)
   m.def("depthwise_conv_backward(Tensor grad, Tensor x, Tensor weight, int stride, int padding, int dilation, "
         "bool[2] output_mask) -> (Tensor, Tensor)");
   // PC-DARTS' partial-channel edge: channel_shuffle(cat([sum_k weights[k] * xs[k], bypass(x[:, C / groups:])]),

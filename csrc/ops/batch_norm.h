@@ -25,6 +25,13 @@ using depthwise::kBlock;
 // sum_{n < len} f(n), in kBlock independent partial sums (so that it vectorises), added up in a fixed order.
 template <typename T, typename F>
 inline T lane_sum(int64_t len, F f) {
+  if (len < kBlock) {  // no whole block: the tail alone (the same sum, without the lanes' set-up per row)
+    T tail = 0;
+    for (int64_t n = 0; n < len; ++n) {
+      tail += f(n);
+    }
+    return tail;
+  }
   T lanes[kBlock] = {};
   int64_t n = 0;
   for (; n + kBlock <= len; n += kBlock) {
@@ -37,6 +44,12 @@ inline T lane_sum(int64_t len, F f) {
     tail += f(n);
   }
   return depthwise::sum_block(lanes) + tail;
+}
+
+// The channel of row r + 1 from that of row r (rows are (b, c), c fastest): no division per row, which on tiny
+// planes (one to four values a row) costs more than the row's arithmetic.
+inline int64_t next_channel(int64_t c, int64_t C) {
+  return c + 1 == C ? 0 : c + 1;
 }
 
 // Rows per parallel task: about 16K multiply-adds each.
@@ -150,10 +163,10 @@ Stats forward(const T* p, T* y, int64_t B, int64_t C, int64_t N, const std::opti
     shift[c] = (bias ? b.const_data_ptr<T>()[c] : T(0)) - m[c] * scale[c];
   }
   fastdarts::parallel_for(0, B * C, row_grain(N), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T a = scale[r % C], c = shift[r % C];
+    for (int64_t r = begin, c = begin % C; r < end; ++r, c = next_channel(c, C)) {
+      const T a = scale[c], sh = shift[c];
       for (int64_t n = 0; n < N; ++n) {
-        y[r * N + n] = p[r * N + n] * a + c;
+        y[r * N + n] = p[r * N + n] * a + sh;
       }
     }
   });
@@ -168,12 +181,12 @@ void backward(const T* g, const T* p, const T* m, const T* is, const std::option
               int64_t C, int64_t N, bool training, T* gp, T* grad_weight, T* grad_bias) {
   std::vector<T> row_g(B * C), row_gx(B * C);
   fastdarts::parallel_for(0, B * C, row_grain(2 * N), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
+    for (int64_t r = begin, c = begin % C; r < end; ++r, c = next_channel(c, C)) {
       const T* gr = g + r * N;
       const T* pr = p + r * N;
-      const T mu = m[r % C];
+      const T mu = m[c];
       row_g[r] = lane_sum<T>(N, [&](int64_t n) { return gr[n]; });
-      row_gx[r] = lane_sum<T>(N, [&](int64_t n) { return gr[n] * (pr[n] - mu); }) * is[r % C];
+      row_gx[r] = lane_sum<T>(N, [&](int64_t n) { return gr[n] * (pr[n] - mu); }) * is[c];
     }
   });
   std::vector<T> sum_g(C, T(0)), sum_gxhat(C, T(0));
@@ -201,8 +214,7 @@ void backward(const T* g, const T* p, const T* m, const T* is, const std::option
     k[c] = training ? sum_gxhat[c] / M * is[c] : T(0);  // times (p - mean) gives xhat * sum(g * xhat) / M
   }
   fastdarts::parallel_for(0, B * C, row_grain(N), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t c = r % C;
+    for (int64_t r = begin, c = begin % C; r < end; ++r, c = next_channel(c, C)) {
       const T ac = a[c], cc = c0[c], kc = k[c], mu = m[c];
       for (int64_t n = 0; n < N; ++n) {
         gp[r * N + n] = ac * (g[r * N + n] - cc - (p[r * N + n] - mu) * kc);

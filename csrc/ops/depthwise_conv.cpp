@@ -59,8 +59,10 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv_backward_cpu(const at::Tensor&
   const at::Tensor x = x_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
   const at::ScalarType acc_dtype = at::toOpMathType(x.scalar_type());
-  at::Tensor grad_x = output_mask[0] ? at::empty_like(x) : at::Tensor();
-  at::Tensor grad_weight = output_mask[1] ? at::empty({g.C, 1, g.k, g.k}, x.options().dtype(acc_dtype)) : at::Tensor();
+  // an output left out by output_mask is an empty tensor (as the fake kernel's)
+  at::Tensor grad_x = output_mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_weight =
+      output_mask[1] ? at::empty({g.C, 1, g.k, g.k}, x.options().dtype(acc_dtype)) : at::empty({0}, x.options());
   const at::Tensor w = as_contiguous(weight, acc_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

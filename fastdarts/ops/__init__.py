@@ -1,5 +1,6 @@
-"""Differentiable DARTS ops: each a ``torch.library`` custom op backed by compiled kernels where they are live
-(see :func:`fastdarts.backend.info`) and by its pure-PyTorch ``<op>_ref`` everywhere else."""
+"""Differentiable DARTS ops: each runs compiled kernels (``torch.ops.fastdarts_C``, with fake kernels for
+``torch.compile``) where they are live (see :func:`fastdarts.backend.info`) and its pure-PyTorch ``<op>_ref``
+everywhere else."""
 
 from fastdarts.ops.depthwise_conv import depthwise_conv, depthwise_conv_ref
 from fastdarts.ops.dil_conv import dil_conv, dil_conv_ref

@@ -99,7 +99,7 @@ def pool_bn(
     if not backend.kernel_live("pool_bn", x.device):
         return pool_bn_ref(x, kind, stride, running_mean, running_var, training, momentum, eps)
     _check("pool_bn", x, kind, stride, running_mean, running_var, training)
-    y, *_, new_mean, new_var = _PoolBN.apply(
+    y, new_mean, new_var = _PoolBN.apply(
         x, running_mean, running_var, kind == "max", stride, training, momentum, eps
     )
     copy_running((running_mean, running_var), (new_mean, new_var), training)
@@ -107,21 +107,22 @@ def pool_bn(
 
 
 class _PoolBN(torch.autograd.Function):
-    """Autograd of ``fastdarts_C::pool_bn`` (forward with ctx: no per-call argument binding)."""
+    """Autograd of ``fastdarts_C::pool_bn`` (forward with ctx: no per-call argument binding). Returns y and the new
+    running statistics; the pool's output, its winning taps and the batch statistics are kept for the backward
+    without being outputs (fewer outputs for autograd to wrap: the op's wrapper is most of its time on tiny planes)."""
 
     @staticmethod
     def forward(ctx, x, running_mean, running_var, is_max, stride, training, momentum, eps):
-        output = torch.ops.fastdarts_C.pool_bn(
+        y, p, taps, mean, invstd, new_mean, new_var = torch.ops.fastdarts_C.pool_bn(
             x, running_mean, running_var, is_max, stride, training, momentum, eps
         )
-        _, p, taps, mean, invstd, new_mean, new_var = output
-        ctx.mark_non_differentiable(p, taps, mean, invstd, new_mean, new_var)
+        ctx.mark_non_differentiable(new_mean, new_var)
         ctx.set_materialize_grads(False)
         # the running statistics change in place after this: kept only where the backward reads them (eval)
         stats = (None, None) if training else (running_mean, running_var)
         ctx.save_for_backward(x, *stats, p, taps, mean, invstd)
         ctx.is_max, ctx.stride, ctx.training, ctx.eps = is_max, stride, training, eps
-        return output
+        return y, new_mean, new_var
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, *_):
