@@ -42,6 +42,7 @@ def test_quick_suite_measures_every_selected_case(tmp_path, capsys):
     agreement = results["agreement"]
     # Adam moves each alpha by at most about its learning rate (3e-4) per step, whatever the gradient
     assert 0 <= agreement["max_abs_alpha_diff"] < 2 * agreement["steps"] * 3e-4
+    assert 0 <= agreement["reference_reordered_diff"] < 2 * agreement["steps"] * 3e-4
     assert agreement["within_1e-3"] == (agreement["max_abs_alpha_diff"] <= 1e-3)
     table = capsys.readouterr().out
     assert "| step/cifar-b64/first (reference) |" in table and "second/first order (fastdarts)" in table
