@@ -7,6 +7,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "ops/common.h"
@@ -273,6 +275,26 @@ inline void copy_run(const scalar_t* __restrict__ src, int64_t s, acc_t* __restr
   }
 }
 
+// dst[i] = src[i * step] where x[i] > 0, else +0 (ReLU's backward), for i < len. The choice is a bit mask, not a
+// branch (GCC keeps `x > 0 ? v : 0` a jump here): x's sign is a coin flip that a branch predictor loses half the
+// time, and this loop was a third of the lane layout's backward. A mask, unlike v * (x > 0), keeps an infinite or
+// NaN gradient from turning the zeros into NaN.
+template <typename scalar_t, typename acc_t>
+inline void relu_backward_run(const scalar_t* __restrict__ x, const acc_t* __restrict__ src, int64_t step,
+                              scalar_t* __restrict__ dst, int64_t len) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 8, uint64_t, uint32_t>;
+  static_assert(sizeof(bits_t) == sizeof(acc_t), "one mask word per value");
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t v = src[i * step];
+    bits_t b;
+    __builtin_memcpy(&b, &v, sizeof b);
+    b &= bits_t(0) - static_cast<bits_t>(static_cast<acc_t>(x[i]) > acc_t(0));
+    acc_t kept;
+    __builtin_memcpy(&kept, &b, sizeof kept);
+    dst[i] = static_cast<scalar_t>(kept);
+  }
+}
+
 // Copy one input plane [H, W] into the phase buffer at plane q of the stack; with relu, max(x, 0) (DilConv's
 // leading ReLU). The buffer is zeroed once when it is made: every plane writes the same runs, so the padding
 // between them stays zero.
@@ -448,9 +470,14 @@ void lane_backward(const Geometry& g, const scalar_t* grad, const scalar_t* x, c
         }
         for (int64_t s = 0; s < count; ++s) {  // whole rows of gx
           const int64_t plane = ((b0 + s) * g.C + c) * HW;
-          for (int64_t n = 0; n < HW; ++n) {
-            const acc_t v = gin[n * kBlock + s];
-            gx[plane + n] = static_cast<scalar_t>(!relu || static_cast<acc_t>(x[plane + n]) > acc_t(0) ? v : acc_t(0));
+          const acc_t* __restrict__ src = gin.data() + s;
+          scalar_t* __restrict__ dst = gx + plane;
+          if (relu) {
+            relu_backward_run(x + plane, src, kBlock, dst, HW);
+          } else {
+            for (int64_t n = 0; n < HW; ++n) {
+              dst[n] = static_cast<scalar_t>(src[n * kBlock]);
+            }
           }
         }
       }
@@ -591,10 +618,7 @@ void backward_kernel(const Geometry& g, const scalar_t* grad, const scalar_t* x,
             const acc_t* __restrict__ src = base + po;
             scalar_t* __restrict__ dst = gxp + xo;
             if (relu && s == 1) {  // the gradient passes where x > 0, as ReLU's backward
-              const scalar_t* __restrict__ xr = xp + xo;
-              for (int64_t i = 0; i < len; ++i) {
-                dst[i] = static_cast<scalar_t>(static_cast<acc_t>(xr[i]) > acc_t(0) ? src[i] : acc_t(0));
-              }
+              relu_backward_run(xp + xo, src, 1, dst, len);
             } else {
               for (int64_t i = 0; i < len; ++i) {
                 dst[i * s] = static_cast<scalar_t>(src[i]);

@@ -124,6 +124,23 @@ def test_stacked_small_planes(device, geometry, shape):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9, msg=name)
 
 
+@pytest.mark.parametrize("shape", [(37, 8, 4, 4), (3, 5, 9, 7)], ids=["lanes", "stacked"])
+@pytest.mark.parametrize("geometry", [(3, 1, 1, 1), (5, 2, 2, 1)], ids=geometry_id)
+def test_relu_backward_zeroes_an_infinite_gradient(device, geometry, shape):
+    # ReLU's backward is 0 where x <= 0 whatever arrives there, inf and NaN included (a masking multiply would give
+    # NaN): one infinite output gradient spreads to a window of input pixels, about half of them negative
+    x, params, stats = make_case(shape, torch.float64, "contiguous", device, geometry, True)
+    with torch.no_grad():
+        like = dil_conv_ref(x, *params, *copy_stats(stats), *geometry[1:], False)
+    grad = torch.randn(like.shape, dtype=torch.float64, device=device)
+    grad[1, 0, 1, 1] = float("inf")
+    actual, _ = run(dil_conv, x, params, copy_stats(stats), geometry, False, grad)
+    ref, _ = run(dil_conv_ref, x, params, copy_stats(stats), geometry, False, grad)
+    hit = ~ref[1].isfinite()
+    assert hit.any() and (ref[1][x <= 0] == 0).all()  # (the case means something: non-finite where x > 0)
+    torch.testing.assert_close(actual[1], ref[1], rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
 @pytest.mark.parametrize("needs", ["x", "dw", "pw"])
 def test_gradients_only_where_needed(device, needs):
     x, (dw, pw, _, _), stats = make_case(
