@@ -136,10 +136,10 @@ def kernel_live(op_name: str, device: torch.device) -> bool:
     """Whether op ``op_name`` runs its compiled kernel for tensors on ``device``.
 
     True when the backend is "auto", ``fastdarts._C`` registered ``fastdarts_C::<op_name>`` for the device's type
-    (CPU or CUDA), ``torch.autocast`` is off for it and no ``torch.func`` transform is running: under autocast
-    the ops run their references, plain ATen calls that autocast casts as it casts any model (the kernels take
-    one dtype), and under ``vmap`` / ``grad`` too, ATen ops having the transforms' batching rules (the kernels'
-    autograd Functions have none).
+    (CPU or CUDA), ``torch.autocast`` is off for it, no ``torch.func`` transform is running and torch.compile is
+    not tracing: under autocast the ops run their references, plain ATen calls that autocast casts as it casts
+    any model (the kernels take one dtype); under ``vmap`` / ``grad`` too, ATen ops having the transforms'
+    batching rules (the kernels' autograd Functions have none); and under torch.compile, which compiles them.
     """
     device = torch.device(device)
     return _backend == "auto" and _has_kernel(op_name, device.type) and _plain(device)
@@ -152,16 +152,18 @@ def autocast_enabled(device: torch.device) -> bool:
 
 
 def _plain(device: torch.device) -> bool:
-    """Neither autocast on ``device`` nor a torch.func transform (vmap, grad) is active (the transform check is
-    skipped while torch.compile traces: dynamo cannot trace it, and runs transforms in its own way)."""
-    if autocast_enabled(device):
+    """Neither autocast on ``device``, nor a torch.func transform (vmap, grad), nor torch.compile tracing. Under
+    torch.compile the ops are their references, which it compiles: dynamo cannot tell whether it traces inside a
+    transform, and a compiled kernel traced inside one loses its autograd (silently zero gradients)."""
+    if autocast_enabled(device) or torch.compiler.is_compiling():
         return False
-    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None
+    return torch._C._functorch.peek_interpreter_stack() is None
 
 
 def triton_live(device: torch.device) -> bool:
     """Whether ops with a Triton kernel run it for tensors on ``device``: the backend is "auto", the device is a
-    GPU, Triton imports, ``torch.autocast`` is off and no torch.func transform runs (as :func:`kernel_live`)."""
+    GPU, Triton imports, ``torch.autocast`` is off, no torch.func transform runs and torch.compile is not tracing
+    (as :func:`kernel_live`)."""
     device = torch.device(device)
     return _backend == "auto" and device.type == "cuda" and _triton_status()[0] and _plain(device)
 

@@ -69,3 +69,29 @@ def test_kernels_off_under_torch_func_transforms():
     torch.func.vmap(lambda x: seen.append(backend.kernel_live("mixed_op", cpu)) or x)(torch.ones(2, 3))
     assert seen == [False]
     assert backend.kernel_live("mixed_op", cpu) == live
+
+
+def _compiled_transform_cases():
+    from fastdarts.ops import depthwise_conv, dil_conv, mixed_op, pool_bn
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    dw, pw = torch.randn(3, 1, 3, 3, generator=gen), torch.randn(4, 3, 1, 1, generator=gen)
+    ys = list(torch.randn(3, 2, 3, 4, 4, generator=gen))
+    return {
+        "depthwise_conv": (lambda w: depthwise_conv(x, w, 1, 1, 1), dw),
+        "dil_conv": (lambda a: dil_conv(a, dw, pw, None, None, None, None, 1, 1, 1, True, 0.1, 1e-5), x),
+        "pool_bn": (lambda a: pool_bn(a, "max", 2), x),
+        "mixed_op": (lambda w: mixed_op(ys, w), torch.tensor([0.2, 0.3, 0.5])),
+    }
+
+
+@pytest.mark.parametrize("op", ["depthwise_conv", "dil_conv", "pool_bn", "mixed_op"])
+def test_compiled_gradient_inside_a_transform_is_the_references(op):
+    # a compiled kernel traced inside torch.func.grad lost its autograd: the gradient came out zero, silently
+    fn, arg = _compiled_transform_cases()[op]
+    loss = lambda a: fn(a).square().sum()
+    expected = torch.func.grad(loss)(arg)
+    got = torch.compile(torch.func.grad(loss), backend="eager", fullgraph=True)(arg)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
-"""Differentiable DARTS ops: each runs compiled kernels (``torch.ops.fastdarts_C``, with fake kernels for
-``torch.compile``) where they are live (see :func:`fastdarts.backend.info`) and its pure-PyTorch ``<op>_ref``
-everywhere else."""
+"""Differentiable DARTS ops: each kernel op runs its compiled kernels (``torch.ops.fastdarts_C``, with fake
+kernels for FakeTensor tracing) where they are live (see :func:`fastdarts.backend.kernel_live`) and its pure-PyTorch
+``<op>_ref`` everywhere else (``fd_hvp`` is plain PyTorch multi-tensor ops)."""
 
 from fastdarts.ops.depthwise_conv import depthwise_conv, depthwise_conv_ref
 from fastdarts.ops.dil_conv import dil_conv, dil_conv_ref

@@ -6,7 +6,7 @@ and the fallback. ``depthwise_conv`` runs ``fastdarts_C::depthwise_conv`` and it
 depthwise_conv.cpp) on CPU, where oneDNN's per-call cost dominates at DARTS' sizes, and the reference elsewhere
 (cuDNN on CUDA). Its autograd is the ``torch.autograd.Function`` ``_DepthwiseConv`` (a ``custom_op`` wrapper cost
 ~150 us per forward+backward on a 2-core CPU, twice the kernels' time on a 4x4 plane); its double backward
-differentiates the reference, and the C++ operators have fake kernels for ``torch.compile``.
+differentiates the reference, and the C++ operators have fake kernels (FakeTensor tracing, ``opcheck``).
 """
 
 import torch

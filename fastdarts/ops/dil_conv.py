@@ -136,7 +136,7 @@ def dil_conv(
 class _DilConv(torch.autograd.Function):
     """Autograd of ``fastdarts_C::dil_conv``. A plain autograd.Function: ``torch.library.register_autograd`` on an op
     with this many arguments costs ~200 us a call in Python (re-reading the schema per argument), more than the
-    whole unit at DARTS' sizes. ``torch.compile`` traces it like any autograd.Function (the ops have fake kernels)."""
+    whole unit at DARTS' sizes. Under ``torch.compile`` the op is its reference (see :func:`fastdarts.backend.kernel_live`)."""
 
     @staticmethod
     def forward(ctx, x, dw_weight, pw_weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,

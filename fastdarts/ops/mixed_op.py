@@ -3,7 +3,7 @@
 ``mixed_op_ref`` is the pure-PyTorch oracle and fallback. ``mixed_op`` runs the compiled operators
 ``fastdarts_C::mixed_op`` / ``mixed_op_backward`` (csrc/ops/mixed_op.cpp on CPU, csrc/ops/cuda/mixed_op.cu on
 CUDA) when :func:`fastdarts.backend.kernel_live` says so, and the reference otherwise. The operators have fake
-kernels registered here (``torch.compile``, ``opcheck``); the autograd is the ``torch.autograd.Function``
+kernels registered here (FakeTensor tracing, ``opcheck``); the autograd is the ``torch.autograd.Function``
 ``_MixedOp`` (a ``custom_op`` wrapper cost ~300 us per edge forward+backward on a 2-core CPU, as much as the
 kernels), whose double backward differentiates the reference formulas.
 """
@@ -163,7 +163,7 @@ def mixed_op(xs: Sequence[Tensor], weights: Tensor) -> Tensor:
     extension, backend "reference", another device, or more than 16 inputs on CUDA). Differentiable any number of
     times: the gradients are ``grad_xs[k] = weights[k] * grad_out`` and ``grad_weights[k] = <grad_out, xs[k]>``
     (accumulated in fp32, fp64 for fp64, returned in the dtype of ``weights``). Works with
-    ``torch.compile(fullgraph=True)``.
+    ``torch.compile(fullgraph=True)``, which compiles the reference.
 
     Args:
         xs: K >= 1 tensors of one shape (normally ``[B, C, H, W]``), dtype (float32, float64, float16 or

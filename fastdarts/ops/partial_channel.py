@@ -128,7 +128,7 @@ def partial_channel(xs: Sequence[Tensor], weights: Tensor, x: Tensor, groups: in
     on CPU and the Triton kernel on CUDA where they are live (:func:`fastdarts.backend.info`),
     :func:`partial_channel_ref` otherwise.
     Differentiable any number of times; ``x`` gets the bypass's gradient only (its first c channels reach the
-    output through ``xs``). Works with ``torch.compile(fullgraph=True)``.
+    output through ``xs``). Works with ``torch.compile(fullgraph=True)``, which compiles the reference.
 
     Args:
         xs: K >= 1 tensors ``[B, C / groups, H / stride, W / stride]`` (float32, float64, float16 or bfloat16):

@@ -5,7 +5,7 @@
 ``pool_bn_ref`` is the eager chain (``F.max_pool2d`` or ``F.avg_pool2d``, then ``F.batch_norm``): the oracle and
 the fallback. ``pool_bn`` runs ``fastdarts_C::pool_bn`` (csrc/ops/pool_bn.cpp) on CPU when the kernel is live; its
 autograd is the ``torch.autograd.Function`` ``_PoolBN`` (see fastdarts.ops.dil_conv for why not ``custom_op``), and
-the C++ operators have fake kernels for ``torch.compile``.
+the C++ operators have fake kernels (FakeTensor tracing, ``opcheck``).
 """
 
 import torch

@@ -252,7 +252,7 @@ def test_planes_without_pixels_have_zero_weight_gradient():
 
 
 @pytest.mark.parametrize("in_dims", [(1, 0), (1, None), (None, 0)], ids=["both", "x", "weight"])
-def test_vmap_is_one_convolution_of_stacked_channels(in_dims):
+def test_vmap_runs_one_batched_convolution(in_dims):
     # under torch.func.vmap the op runs the reference, whose batching rule is one convolution for all N (not
     # one per item: the fallback warns), and agrees with it item by item
     gen = torch.Generator().manual_seed(0)
