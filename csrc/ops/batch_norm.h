@@ -2,7 +2,8 @@
 // contiguous [B, C, N] tensor p in the accumulation type T: forward y = (p - mean) * invstd * weight + bias with
 // the batch statistics (training) or the running ones, and its backward. As F.batch_norm: the running statistics
 // move by momentum towards the batch mean and the unbiased batch variance. Every reduction is summed per row
-// (b, c), then over the batch in a fixed order: bitwise the same for any thread count.
+// (b, c), then over the batch in a fixed order (rows shorter than a block: straight down the batch, one thread):
+// bitwise the same for any thread count.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -25,13 +26,6 @@ using depthwise::kBlock;
 // sum_{n < len} f(n), in kBlock independent partial sums (so that it vectorises), added up in a fixed order.
 template <typename T, typename F>
 inline T lane_sum(int64_t len, F f) {
-  if (len < kBlock) {  // no whole block: the tail alone (the same sum, without the lanes' set-up per row)
-    T tail = 0;
-    for (int64_t n = 0; n < len; ++n) {
-      tail += f(n);
-    }
-    return tail;
-  }
   T lanes[kBlock] = {};
   int64_t n = 0;
   for (; n + kBlock <= len; n += kBlock) {
@@ -103,6 +97,51 @@ struct Stats {
   at::Tensor mean, invstd, new_mean, new_var;
 };
 
+// The batch statistics of p [B, C, N] with rows shorter than a block (2x2 planes and smaller, where a row's own
+// set-up costs more than its values): mean and M2 straight down the batch in double, two passes, channels innermost
+// (vectorised across channels for N = 1), in a fixed order on one thread. mean and invstd into m and is; with the
+// running statistics (s not null), their new values into s.
+template <typename T>
+void short_row_stats(const T* p, int64_t B, int64_t C, int64_t N, double eps, T* m, T* is, Stats* s,
+                     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                     double momentum) {
+  std::vector<double> mean(C, 0.0), m2(C, 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    const T* block = p + b * C * N;
+    for (int64_t c = 0; c < C; ++c) {
+      double row = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        row += block[c * N + n];
+      }
+      mean[c] += row;
+    }
+  }
+  const double count = static_cast<double>(B * N);
+  for (double& v : mean) {
+    v /= count;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const T* block = p + b * C * N;
+    for (int64_t c = 0; c < C; ++c) {
+      double row = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const double d = block[c * N + n] - mean[c];
+        row += d * d;
+      }
+      m2[c] += row;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    m[c] = static_cast<T>(mean[c]);
+    is[c] = static_cast<T>(1.0 / std::sqrt(m2[c] / count + eps));
+    m2[c] /= count - 1;  // the unbiased variance, for the running statistics
+  }
+  if (s) {
+    s->new_mean = moved_towards(*running_mean, mean, momentum);
+    s->new_var = moved_towards(*running_var, m2, momentum);
+  }
+}
+
 // y = BatchNorm(p) for p, y: [B, C, N] contiguous in T (acc_options' dtype).
 template <typename T>
 Stats forward(const T* p, T* y, int64_t B, int64_t C, int64_t N, const std::optional<at::Tensor>& weight,
@@ -113,7 +152,9 @@ Stats forward(const T* p, T* y, int64_t B, int64_t C, int64_t N, const std::opti
           at::empty({0}, acc_options)};
   T* m = s.mean.mutable_data_ptr<T>();
   T* is = s.invstd.mutable_data_ptr<T>();
-  if (training) {
+  if (training && N < kBlock) {
+    short_row_stats(p, B, C, N, eps, m, is, running_mean ? &s : nullptr, running_mean, running_var, momentum);
+  } else if (training) {
     std::vector<T> row_mean(B * C), row_m2(B * C);
     fastdarts::parallel_for(0, B * C, row_grain(2 * N), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -179,21 +220,37 @@ Stats forward(const T* p, T* y, int64_t B, int64_t C, int64_t N, const std::opti
 template <typename T>
 void backward(const T* g, const T* p, const T* m, const T* is, const std::optional<at::Tensor>& weight, int64_t B,
               int64_t C, int64_t N, bool training, T* gp, T* grad_weight, T* grad_bias) {
-  std::vector<T> row_g(B * C), row_gx(B * C);
-  fastdarts::parallel_for(0, B * C, row_grain(2 * N), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin, c = begin % C; r < end; ++r, c = next_channel(c, C)) {
-      const T* gr = g + r * N;
-      const T* pr = p + r * N;
-      const T mu = m[c];
-      row_g[r] = lane_sum<T>(N, [&](int64_t n) { return gr[n]; });
-      row_gx[r] = lane_sum<T>(N, [&](int64_t n) { return gr[n] * (pr[n] - mu); }) * is[c];
-    }
-  });
   std::vector<T> sum_g(C, T(0)), sum_gxhat(C, T(0));
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t c = 0; c < C; ++c) {
-      sum_g[c] += row_g[b * C + c];
-      sum_gxhat[c] += row_gx[b * C + c];
+  if (N < kBlock) {  // short rows: straight down the batch, channels innermost (as channel_means)
+    for (int64_t b = 0; b < B; ++b) {
+      const T* gb = g + b * C * N;
+      const T* pb = p + b * C * N;
+      for (int64_t c = 0; c < C; ++c) {
+        T row_g = 0, row_gx = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          row_g += gb[c * N + n];
+          row_gx += gb[c * N + n] * (pb[c * N + n] - m[c]);
+        }
+        sum_g[c] += row_g;
+        sum_gxhat[c] += row_gx * is[c];
+      }
+    }
+  } else {
+    std::vector<T> row_g(B * C), row_gx(B * C);
+    fastdarts::parallel_for(0, B * C, row_grain(2 * N), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin, c = begin % C; r < end; ++r, c = next_channel(c, C)) {
+        const T* gr = g + r * N;
+        const T* pr = p + r * N;
+        const T mu = m[c];
+        row_g[r] = lane_sum<T>(N, [&](int64_t n) { return gr[n]; });
+        row_gx[r] = lane_sum<T>(N, [&](int64_t n) { return gr[n] * (pr[n] - mu); }) * is[c];
+      }
+    });
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c = 0; c < C; ++c) {
+        sum_g[c] += row_g[b * C + c];
+        sum_gxhat[c] += row_gx[b * C + c];
+      }
     }
   }
   if (grad_weight) {
