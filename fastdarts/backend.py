@@ -139,7 +139,8 @@ def kernel_live(op_name: str, device: torch.device) -> bool:
     (CPU or CUDA), ``torch.autocast`` is off for it, no ``torch.func`` transform is running and torch.compile is
     not tracing: under autocast the ops run their references, plain ATen calls that autocast casts as it casts
     any model (the kernels take one dtype); under ``vmap`` / ``grad`` too, ATen ops having the transforms'
-    batching rules (the kernels' autograd Functions have none); and under torch.compile, which compiles them.
+    batching rules (the kernels' autograd Functions have none); and under torch.compile, which compiles those
+    references.
     """
     device = torch.device(device)
     return _backend == "auto" and _has_kernel(op_name, device.type) and _plain(device)

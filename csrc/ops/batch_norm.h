@@ -2,7 +2,7 @@
 // contiguous [B, C, N] tensor p in the accumulation type T: forward y = (p - mean) * invstd * weight + bias with
 // the batch statistics (training) or the running ones, and its backward. As F.batch_norm: the running statistics
 // move by momentum towards the batch mean and the unbiased batch variance. Every reduction is summed per row
-// (b, c), then over the batch in a fixed order (rows shorter than a block: straight down the batch, one thread):
+// (b, c), then over the batch in a fixed order (rows shorter than a block: per channel straight down the batch):
 // bitwise the same for any thread count.
 #pragma once
 
@@ -97,48 +97,50 @@ struct Stats {
   at::Tensor mean, invstd, new_mean, new_var;
 };
 
-// The batch statistics of p [B, C, N] with rows shorter than a block (2x2 planes and smaller, where a row's own
-// set-up costs more than its values): mean and M2 straight down the batch in double, two passes, channels innermost
-// (vectorised across channels for N = 1), in a fixed order on one thread. mean and invstd into m and is; with the
-// running statistics (s not null), their new values into s.
+// The batch statistics of p [B, C, N] with rows shorter than a block (planes of fewer than 16 values, where a row's
+// own set-up costs more than its values): per channel straight down the batch, mean then M2, in double. Channels
+// are split between the threads, each summed over b in order: the same for any thread count. mean and invstd into
+// m and is; with the running statistics (s not null), their new values into s.
 template <typename T>
 void short_row_stats(const T* p, int64_t B, int64_t C, int64_t N, double eps, T* m, T* is, Stats* s,
                      const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                      double momentum) {
-  std::vector<double> mean(C, 0.0), m2(C, 0.0);
-  for (int64_t b = 0; b < B; ++b) {
-    const T* block = p + b * C * N;
-    for (int64_t c = 0; c < C; ++c) {
-      double row = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        row += block[c * N + n];
-      }
-      mean[c] += row;
-    }
-  }
+  std::vector<double> mean(C, 0.0), var(C, 0.0);
   const double count = static_cast<double>(B * N);
-  for (double& v : mean) {
-    v /= count;
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    const T* block = p + b * C * N;
-    for (int64_t c = 0; c < C; ++c) {
-      double row = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const double d = block[c * N + n] - mean[c];
-        row += d * d;
+  fastdarts::parallel_for(0, C, row_grain(2 * B * N), [&](int64_t c0, int64_t c1) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T* block = p + b * C * N;
+      for (int64_t c = c0; c < c1; ++c) {
+        double row = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          row += block[c * N + n];
+        }
+        mean[c] += row;
       }
-      m2[c] += row;
     }
-  }
+    for (int64_t c = c0; c < c1; ++c) {
+      mean[c] /= count;
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const T* block = p + b * C * N;
+      for (int64_t c = c0; c < c1; ++c) {
+        double row = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const double d = block[c * N + n] - mean[c];
+          row += d * d;
+        }
+        var[c] += row;  // M2 until the loop below
+      }
+    }
+  });
   for (int64_t c = 0; c < C; ++c) {
     m[c] = static_cast<T>(mean[c]);
-    is[c] = static_cast<T>(1.0 / std::sqrt(m2[c] / count + eps));
-    m2[c] /= count - 1;  // the unbiased variance, for the running statistics
+    is[c] = static_cast<T>(1.0 / std::sqrt(var[c] / count + eps));
+    var[c] /= count - 1;  // the unbiased variance, for the running statistics
   }
   if (s) {
     s->new_mean = moved_towards(*running_mean, mean, momentum);
-    s->new_var = moved_towards(*running_var, m2, momentum);
+    s->new_var = moved_towards(*running_var, var, momentum);
   }
 }
 
@@ -221,20 +223,22 @@ template <typename T>
 void backward(const T* g, const T* p, const T* m, const T* is, const std::optional<at::Tensor>& weight, int64_t B,
               int64_t C, int64_t N, bool training, T* gp, T* grad_weight, T* grad_bias) {
   std::vector<T> sum_g(C, T(0)), sum_gxhat(C, T(0));
-  if (N < kBlock) {  // short rows: straight down the batch, channels innermost (as channel_means)
-    for (int64_t b = 0; b < B; ++b) {
-      const T* gb = g + b * C * N;
-      const T* pb = p + b * C * N;
-      for (int64_t c = 0; c < C; ++c) {
-        T row_g = 0, row_gx = 0;
-        for (int64_t n = 0; n < N; ++n) {
-          row_g += gb[c * N + n];
-          row_gx += gb[c * N + n] * (pb[c * N + n] - m[c]);
+  if (N < kBlock) {  // short rows: per channel straight down the batch, channels split between the threads
+    fastdarts::parallel_for(0, C, row_grain(2 * B * N), [&](int64_t c0, int64_t c1) {
+      for (int64_t b = 0; b < B; ++b) {
+        const T* gb = g + b * C * N;
+        const T* pb = p + b * C * N;
+        for (int64_t c = c0; c < c1; ++c) {
+          T row_g = 0, row_gx = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            row_g += gb[c * N + n];
+            row_gx += gb[c * N + n] * (pb[c * N + n] - m[c]);
+          }
+          sum_g[c] += row_g;
+          sum_gxhat[c] += row_gx * is[c];
         }
-        sum_g[c] += row_g;
-        sum_gxhat[c] += row_gx * is[c];
       }
-    }
+    });
   } else {
     std::vector<T> row_g(B * C), row_gx(B * C);
     fastdarts::parallel_for(0, B * C, row_grain(2 * N), [&](int64_t begin, int64_t end) {

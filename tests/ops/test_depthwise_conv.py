@@ -153,7 +153,7 @@ def test_gradcheck(device, backend_name, geometry):
 
 @needs_ext
 def test_opcheck():
-    # the compiled operators against their fake kernels (torch.compile), schemas and dispatch
+    # the compiled operators against their fake kernels (FakeTensor tracing), schemas and dispatch
     for layout, geometry in [("contiguous", (3, 1, 1, 1)), ("channels_last", (5, 2, 4, 2))]:
         k, s, p, d = geometry
         x = make_tensor((2, 3, 7, 6), torch.float32, layout, "cpu")
