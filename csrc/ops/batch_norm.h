@@ -97,15 +97,17 @@ struct Stats {
   at::Tensor mean, invstd, new_mean, new_var;
 };
 
-// The batch statistics of p [B, C, N] with rows shorter than a block (planes of fewer than 16 values, where a row's
-// own set-up costs more than its values): per channel straight down the batch, mean then M2, in double. Channels
-// are split between the threads, each summed over b in order: the same for any thread count. mean and invstd into
-// m and is; with the running statistics (s not null), their new values into s.
+// Per channel of p [B, C, N]: the batch mean and M2 (the sum of squared deviations from it), in double.
+struct Moments {
+  std::vector<double> mean, m2;
+};
+
+// Rows shorter than a block (planes of fewer than 16 values, where a row's own set-up costs more than its values):
+// per channel straight down the batch, mean then M2. Channels are split between the threads, each summed over b in
+// order: the same for any thread count.
 template <typename T>
-void short_row_stats(const T* p, int64_t B, int64_t C, int64_t N, double eps, T* m, T* is, Stats* s,
-                     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-                     double momentum) {
-  std::vector<double> mean(C, 0.0), var(C, 0.0);
+Moments short_row_moments(const T* p, int64_t B, int64_t C, int64_t N) {
+  Moments mo{std::vector<double>(C, 0.0), std::vector<double>(C, 0.0)};
   const double count = static_cast<double>(B * N);
   fastdarts::parallel_for(0, C, row_grain(2 * B * N), [&](int64_t c0, int64_t c1) {
     for (int64_t b = 0; b < B; ++b) {
@@ -115,33 +117,56 @@ void short_row_stats(const T* p, int64_t B, int64_t C, int64_t N, double eps, T*
         for (int64_t n = 0; n < N; ++n) {
           row += block[c * N + n];
         }
-        mean[c] += row;
+        mo.mean[c] += row;
       }
     }
     for (int64_t c = c0; c < c1; ++c) {
-      mean[c] /= count;
+      mo.mean[c] /= count;
     }
     for (int64_t b = 0; b < B; ++b) {
       const T* block = p + b * C * N;
       for (int64_t c = c0; c < c1; ++c) {
         double row = 0;
         for (int64_t n = 0; n < N; ++n) {
-          const double d = block[c * N + n] - mean[c];
+          const double d = block[c * N + n] - mo.mean[c];
           row += d * d;
         }
-        var[c] += row;  // M2 until the loop below
+        mo.m2[c] += row;
       }
     }
   });
+  return mo;
+}
+
+// Longer rows: per row (b, c) in lanes, mean then M2, then Chan et al.'s merge of the equal-sized rows over the
+// batch (mean of the means; M2 = sum of M2 + N * sum (mean_b - mean)^2), in a fixed order.
+template <typename T>
+Moments row_moments(const T* p, int64_t B, int64_t C, int64_t N) {
+  std::vector<T> row_mean(B * C), row_m2(B * C);
+  fastdarts::parallel_for(0, B * C, row_grain(2 * N), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = p + r * N;
+      const T mu = lane_sum<T>(N, [&](int64_t n) { return row[n]; }) / static_cast<T>(N);
+      row_mean[r] = mu;
+      row_m2[r] = lane_sum<T>(N, [&](int64_t n) { return (row[n] - mu) * (row[n] - mu); });
+    }
+  });
+  Moments mo{std::vector<double>(C), std::vector<double>(C)};
   for (int64_t c = 0; c < C; ++c) {
-    m[c] = static_cast<T>(mean[c]);
-    is[c] = static_cast<T>(1.0 / std::sqrt(var[c] / count + eps));
-    var[c] /= count - 1;  // the unbiased variance, for the running statistics
+    double sum = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      sum += row_mean[b * C + c];
+    }
+    const double mu = sum / B;
+    double m2 = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const double dev = row_mean[b * C + c] - mu;
+      m2 += row_m2[b * C + c] + N * dev * dev;
+    }
+    mo.mean[c] = mu;
+    mo.m2[c] = m2;
   }
-  if (s) {
-    s->new_mean = moved_towards(*running_mean, mean, momentum);
-    s->new_var = moved_towards(*running_var, var, momentum);
-  }
+  return mo;
 }
 
 // y = BatchNorm(p) for p, y: [B, C, N] contiguous in T (acc_options' dtype).
@@ -154,40 +179,17 @@ Stats forward(const T* p, T* y, int64_t B, int64_t C, int64_t N, const std::opti
           at::empty({0}, acc_options)};
   T* m = s.mean.mutable_data_ptr<T>();
   T* is = s.invstd.mutable_data_ptr<T>();
-  if (training && N < kBlock) {
-    short_row_stats(p, B, C, N, eps, m, is, running_mean ? &s : nullptr, running_mean, running_var, momentum);
-  } else if (training) {
-    std::vector<T> row_mean(B * C), row_m2(B * C);
-    fastdarts::parallel_for(0, B * C, row_grain(2 * N), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const T* row = p + r * N;
-        const T mu = lane_sum<T>(N, [&](int64_t n) { return row[n]; }) / static_cast<T>(N);
-        row_mean[r] = mu;
-        row_m2[r] = lane_sum<T>(N, [&](int64_t n) { return (row[n] - mu) * (row[n] - mu); });
-      }
-    });
-    // Chan et al.'s merge of equal-sized rows: mean of the means; M2 = sum of M2 + N * sum (mean_b - mean)^2.
-    std::vector<double> batch_mean(C), batch_var_unbiased(C);
+  if (training) {
+    Moments mo = N < kBlock ? short_row_moments(p, B, C, N) : row_moments(p, B, C, N);
     const double count = static_cast<double>(B * N);
     for (int64_t c = 0; c < C; ++c) {
-      double sum = 0;
-      for (int64_t b = 0; b < B; ++b) {
-        sum += row_mean[b * C + c];
-      }
-      const double mu = sum / B;
-      double m2 = 0;
-      for (int64_t b = 0; b < B; ++b) {
-        const double dev = row_mean[b * C + c] - mu;
-        m2 += row_m2[b * C + c] + N * dev * dev;
-      }
-      m[c] = static_cast<T>(mu);
-      is[c] = static_cast<T>(1.0 / std::sqrt(m2 / count + eps));
-      batch_mean[c] = mu;
-      batch_var_unbiased[c] = m2 / (count - 1);
+      m[c] = static_cast<T>(mo.mean[c]);
+      is[c] = static_cast<T>(1.0 / std::sqrt(mo.m2[c] / count + eps));
+      mo.m2[c] /= count - 1;  // the unbiased variance, for the running statistics
     }
     if (running_mean) {
-      s.new_mean = moved_towards(*running_mean, batch_mean, momentum);
-      s.new_var = moved_towards(*running_var, batch_var_unbiased, momentum);
+      s.new_mean = moved_towards(*running_mean, mo.mean, momentum);
+      s.new_var = moved_towards(*running_var, mo.m2, momentum);
     }
   } else {
     const at::Tensor rm = as_contiguous(*running_mean, acc_options.dtype().toScalarType());
