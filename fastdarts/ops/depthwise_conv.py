@@ -78,7 +78,7 @@ def depthwise_conv(x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0,
 
     Runs csrc/ops/depthwise_conv.cpp on CPU when :func:`fastdarts.backend.kernel_live` says so (fp32
     accumulation, fp64 for fp64), and :func:`depthwise_conv_ref` otherwise (another device, the "reference"
-    backend, autocast, ``torch.func`` transforms). Differentiable any number of times.
+    backend, autocast, ``torch.func`` transforms, torch.compile). Differentiable any number of times.
 
     Args:
         x: ``[B, C, H, W]``, float32, float64, float16 or bfloat16.
