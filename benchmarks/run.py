@@ -4,6 +4,7 @@
     python -m benchmarks.run --only 'step/cifar*'   # the cases matching any of these patterns (fnmatch)
     python -m benchmarks.run --compile              # also the reference under torch.compile (slow to compile)
     python -m benchmarks.run --only 'step/imagenet*,compat/*' --merge   # add to the results file (split runs)
+    python -m benchmarks.run --impls 'fastdarts,reference'   # only these impls of each case (fnmatch)
     python -m benchmarks.run --list                 # the case names
     python -m benchmarks.run --report FILE          # the table of a results file again
     python -m benchmarks.run --report FILE --plot benchmarks/results/speedups.svg   # and a bar chart of it
@@ -56,6 +57,7 @@ import gc
 import html
 import json
 import math
+import os
 import platform
 import signal
 import subprocess
@@ -442,7 +444,9 @@ def _git_revision() -> str:
     def git(*cmd):
         return subprocess.run(["git", *cmd], capture_output=True, text=True, check=False).stdout.strip()
 
-    revision = git("rev-parse", "HEAD") or "unknown"
+    revision = git("rev-parse", "HEAD")
+    if not revision:  # a copy of the tree without .git (a device machine): the revision its sender recorded
+        return os.environ.get("FASTDARTS_GIT_REVISION", "unknown") + " (no .git: as sent)"
     return revision + (" (dirty)" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
@@ -578,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", default="*", help="comma-separated fnmatch patterns of case names")
+    parser.add_argument(
+        "--impls", default="*", help="comma-separated fnmatch patterns of the impls to run in each case"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes (checks that every case runs)")
     parser.add_argument("--compile", action="store_true", help="also time the reference under torch.compile")
     parser.add_argument(
@@ -628,6 +635,10 @@ def main(argv: list[str] | None = None) -> int:
     selected = {n: c for n, c in cases(args.quick, args.compile, device.type == "cuda").items()
                 if any(fnmatch.fnmatch(n, p) for p in patterns)}  # fmt: skip
     run_agreement = any(fnmatch.fnmatch("agreement/cifar-b64", p) for p in patterns)
+
+    def wanted(impl: str) -> bool:
+        return any(fnmatch.fnmatch(impl, p) for p in args.impls.split(","))
+
     if not selected and not run_agreement:
         return _usage(f"--only {args.only!r} matches no case; --list names them")
     if args.list:
@@ -642,7 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge and out.exists():  # a suite split over several commands: one file (the newest environment)
         try:
             earlier = json.loads(out.read_text())
-            results["cases"] = {n: r for n, r in earlier["cases"].items() if n not in selected}
+            results["cases"] = earlier["cases"]  # a case measured again keeps the impls this run leaves out
+            for name in selected.keys() & earlier["cases"].keys():
+                results["cases"][name] = {i: r for i, r in earlier["cases"][name].items() if not wanted(i)}
             results["earlier"] = earlier.get("earlier", []) + [{"environment": earlier["environment"],
                                                                   "config": earlier["config"]}]  # fmt: skip
         except UNREADABLE as e:
@@ -650,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         if "agreement" in earlier and not run_agreement:
             results["agreement"] = earlier["agreement"]
     for name, case in selected.items():
-        for impl in case.impls:
+        for impl in filter(wanted, case.impls):
             r = _run_one(case, impl, device, args)
             results["cases"].setdefault(name, {})[impl] = r
             _write(out, results)

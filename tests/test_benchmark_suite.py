@@ -96,6 +96,16 @@ def test_merge_keeps_the_cases_measured_before(tmp_path):
     assert set(json.loads(out.read_text())["cases"]) == {"op/mixed_op/2x8x4x4/forward+backward"}
 
 
+def test_impls_runs_only_those_and_merge_keeps_the_others(tmp_path):
+    out, only = tmp_path / "suite.json", ["--only", "op/mixed_op/2x4x4x4/*"]
+    assert run.main([*QUICK, *only, "--out", str(out), "--impls", "ref*"]) == 0
+    first = json.loads(out.read_text())["cases"]["op/mixed_op/2x4x4x4/forward+backward"]
+    assert set(first) == {"reference"}
+    assert run.main([*QUICK, *only, "--out", str(out), "--impls", "fastdarts", "--merge"]) == 0
+    merged = json.loads(out.read_text())["cases"]["op/mixed_op/2x4x4x4/forward+backward"]
+    assert set(merged) == {"fastdarts", "reference"} and merged["reference"] == first["reference"]
+
+
 def test_a_first_call_past_the_timeout_is_recorded():
     def never_finishes():
         while True:
