@@ -3,6 +3,7 @@
 
     python -m benchmarks.profile_step                               # cifar-b64, first order, backend auto, cuda
     python -m benchmarks.profile_step --net cifar-b64 --order second --backend reference --rows 30
+    python -m benchmarks.profile_step --device cpu --quick          # tiny shapes: checks that it runs
 """
 
 import argparse
@@ -21,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--order", default="first", choices=("first", "second"))
     parser.add_argument("--backend", default="auto", choices=("auto", "reference"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=3, help="iterations profiled, after two of warm-up")
+    parser.add_argument("--steps", type=int, default=1, help="iterations profiled, after two of warm-up")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--quick", action="store_true", help="the suite's tiny shapes (3 cells, C=8, batch 2)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rows < 1:
         print(f"benchmarks.profile_step: --steps {args.steps} and --rows {args.rows} must be at least 1",
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device(args.device)
     fastdarts.set_backend(args.backend)
-    model, train, val = supernet(NETS[args.net], device)
+    net = NETS[args.net].quick() if args.quick else NETS[args.net]
+    model, train, val = supernet(net, device)
     step = search_step(model, args.order, train, val)
     for _ in range(2):
         step()

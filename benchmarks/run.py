@@ -40,10 +40,10 @@ Cases (``--quick`` shrinks every shape to 3 cells, C=8, batch 2):
   the float32 noise floor: the reference against itself with each batch's samples in reverse order.
 
 Every timing is the median of ``torch.utils.benchmark.Timer.blocked_autorange`` after warm-up (the accelerator
-synchronised); peak memory is ``torch.cuda.max_memory_allocated`` over the timed runs (none on the CPU); the ATen
-calls of one call are counted with a dispatch mode (the kernel launches an eager call makes on a GPU; a CUDA graph's
-replay makes none). A case
-that fails (out of memory, a compile that outlasts --compile-timeout) is recorded with its error and the suite
+synchronised); peak memory is ``torch.cuda.max_memory_allocated`` from the build of the callable to the end of
+the timed runs (a CUDA graph's pool is taken when it is recorded; none on the CPU); the ATen calls of one call are
+counted with a dispatch mode (the kernel launches an eager call makes on a GPU; a CUDA graph's replay makes none).
+A case that fails (out of memory, a compile that outlasts --compile-timeout) is recorded with its error and the suite
 goes on. The results file is rewritten after every measurement, so a run cut short keeps what it measured.
 """
 
@@ -387,6 +387,8 @@ def measure(build: Callable[[], Callable], device: torch.device, warmup: int, mi
             timeout: float, count: bool = True) -> dict:  # fmt: skip
     """Builds the callable, runs it ``warmup`` times (the first call timed: compiles, caches), counts the ATen calls
     of one call (``count``; not under torch.compile, which a dispatch mode would send back to eager) and times it."""
+    if device.type == "cuda":  # from before the build: a CUDA graph takes its memory pool when it is recorded
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     use_alarm = hasattr(signal, "SIGALRM")
     if use_alarm:  # a torch.compile that does not finish in time must not take the whole suite with it
@@ -406,8 +408,6 @@ def measure(build: Callable[[], Callable], device: torch.device, warmup: int, mi
         fn()
     calls = aten_calls(fn) if count else None
     _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     m = torch_benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_time)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times) * m.number_per_run,
@@ -444,9 +444,9 @@ def _git_revision() -> str:
     def git(*cmd):
         return subprocess.run(["git", *cmd], capture_output=True, text=True, check=False).stdout.strip()
 
-    revision = git("rev-parse", "HEAD")
-    if not revision:  # a copy of the tree without .git (a device machine): the revision its sender recorded
-        return os.environ.get("FASTDARTS_GIT_REVISION", "unknown") + " (no .git: as sent)"
+    if "FASTDARTS_GIT_REVISION" in os.environ:  # a copy of the tree sent to another machine: what the sender says
+        return os.environ["FASTDARTS_GIT_REVISION"] + " (as sent)"
+    revision = git("rev-parse", "HEAD") or "unknown"
     return revision + (" (dirty)" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 

@@ -106,6 +106,16 @@ def test_impls_runs_only_those_and_merge_keeps_the_others(tmp_path):
     assert set(merged) == {"fastdarts", "reference"} and merged["reference"] == first["reference"]
 
 
+def test_profile_step_lists_the_iterations_ops(capsys):
+    from benchmarks import profile_step
+
+    assert profile_step.main(["--device", "cpu", "--quick", "--rows", "5", "--order", "second"]) == 0
+    out = capsys.readouterr().out
+    assert "cifar-b64 second order, backend auto, 1 iterations on cpu" in out and "Self CPU" in out
+    assert profile_step.main(["--device", "cpu", "--steps", "0"]) == 2
+    assert "--steps 0 and --rows 25 must be at least 1" in capsys.readouterr().err
+
+
 def test_a_first_call_past_the_timeout_is_recorded():
     def never_finishes():
         while True:

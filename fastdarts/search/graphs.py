@@ -10,8 +10,9 @@ replay); optimisers whose state lives on the GPU (Adam with ``capturable=True`` 
 created by the eager warm-up steps); constants that change between replays re-recorded (the learning rate is
 a constant of the recorded kernels, and the cosine schedule changes it once per epoch, so each epoch records anew).
 
-Not yet run on a GPU (no GPU was lent to the sessions that wrote it): ``tests/test_graphs.py`` checks it against
-eager execution where one is present.
+On by default on CUDA devices (``SearchConfig.cuda_graphs``). On an H200 a first-order CIFAR iteration at batch 64
+took 225 ms replayed against 465 ms eager (README, Measured). ``tests/test_graphs.py`` checks replays against eager
+steps where a GPU is present.
 """
 
 from __future__ import annotations
