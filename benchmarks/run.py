@@ -15,15 +15,15 @@ Cases (``--quick`` shrinks every shape to 3 cells, C=8, batch 2):
   step with gradient clipping at 5), first and second order (finite-difference HVP), on the DARTS supernet at
   CIFAR shapes (8 cells, C=16, 32x32) at batch 64 and 256 and on the ImageNet-style supernet (224x224, batch
   128), and PC-DARTS first order (K=4 at CIFAR batch 256, K=2 on ImageNet batch 128, edge normalisation).
-  Impls: ``fastdarts`` (backend "auto"), its options ``fastdarts-graphs`` (``--cuda-graphs``: recorded once as a
-  CUDA graph, then replayed; CUDA only), ``fastdarts-per-edge`` on CUDA and ``fastdarts-batched`` elsewhere
-  (the cells' edges one by one, or batched by the states they read: ``fastdarts.nn.batched``, the default on
-  CUDA), ``fastdarts-recompute`` (``--recompute-edges``: batched, each group recomputed in the backward),
-  ``fastdarts-bf16`` (``--amp bf16``: the forward passes
-  under ``torch.autocast`` in bfloat16) and ``fastdarts-channels-last`` (``--channels-last``), ``reference``
-  (backend "reference": plain PyTorch, eager) and with ``--compile`` ``reference-compiled`` (the reference
-  supernet under ``torch.compile``); second order also ``fastdarts-hvp-batched`` (``--hvp fd-batched``: w+ and
-  w- in one vmap pass).
+  Impls: ``fastdarts`` (backend "auto", eager), its options ``fastdarts-graphs`` (``--cuda-graphs``, the default
+  of ``fastdarts search`` on CUDA: recorded once as a CUDA graph, then replayed; CUDA only),
+  ``fastdarts-per-edge`` on CUDA and ``fastdarts-batched`` elsewhere (the cells' edges one by one, or batched by
+  the states they read: ``fastdarts.nn.batched``, the default on CUDA), ``fastdarts-recompute``
+  (``--recompute-edges``: batched, each group recomputed in the backward), ``fastdarts-bf16`` (``--amp bf16``:
+  the forward passes under ``torch.autocast`` in bfloat16) and ``fastdarts-channels-last`` (``--channels-last``),
+  ``reference`` (backend "reference": plain PyTorch, eager) and with ``--compile`` ``reference-compiled`` (the
+  reference supernet under ``torch.compile``); second order also ``fastdarts-hvp-batched`` (``--hvp fd-batched``:
+  w+ and w- in one vmap pass).
 - ``hvp/cifar-b64``: the finite-difference Hessian-vector product alone: fastdarts' in-place
   ``Architect.fd_hvp`` (``fastdarts``: one side after the other; ``fastdarts-batched``: both in one vmap pass;
   ``fastdarts-reference-cells``: one side after the other on the reference backend's cells, so that only the way
