@@ -15,8 +15,8 @@ Cases (``--quick`` shrinks every shape to 3 cells, C=8, batch 2):
   step with gradient clipping at 5), first and second order (finite-difference HVP), on the DARTS supernet at
   CIFAR shapes (8 cells, C=16, 32x32) at batch 64 and 256 and on the ImageNet-style supernet (224x224, batch
   128), and PC-DARTS first order (K=4 at CIFAR batch 256, K=2 on ImageNet batch 128, edge normalisation).
-  Impls: ``fastdarts`` (backend "auto", eager), its options ``fastdarts-graphs`` (``--cuda-graphs``, the default
-  of ``fastdarts search`` on CUDA: recorded once as a CUDA graph, then replayed; CUDA only),
+  Impls: ``fastdarts`` (backend "auto", eager), its options ``fastdarts-graphs`` (``--cuda-graphs``: recorded once
+  as a CUDA graph, then replayed; CUDA only),
   ``fastdarts-per-edge`` on CUDA and ``fastdarts-batched`` elsewhere (the cells' edges one by one, or batched by
   the states they read: ``fastdarts.nn.batched``, the default on CUDA), ``fastdarts-recompute``
   (``--recompute-edges``: batched, each group recomputed in the backward), ``fastdarts-bf16`` (``--amp bf16``:
@@ -641,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not selected and not run_agreement:
         return _usage(f"--only {args.only!r} matches no case; --list names them")
+    if selected and not any(wanted(impl) for case in selected.values() for impl in case.impls):
+        return _usage(f"--impls {args.impls!r} matches no impl of the selected cases")
     if args.list:
         print("\n".join([*selected, *(["agreement/cifar-b64"] if run_agreement else [])]))
         return 0

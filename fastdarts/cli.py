@@ -127,9 +127,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--cuda-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="record each epoch's search iteration as a CUDA graph (default: on CUDA devices)",
+        action="store_true",
+        help="CUDA: record each epoch's search iteration as a CUDA graph",
     )
     s.add_argument("--out", required=True, help="run folder: checkpoint.pt, genotype.json, alphas.pt")
     s.add_argument("--resume", action="store_true", help="continue the search checkpointed in --out")

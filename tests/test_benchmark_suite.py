@@ -111,7 +111,12 @@ def test_profile_step_lists_the_iterations_ops(capsys):
 
     assert profile_step.main(["--device", "cpu", "--quick", "--rows", "5", "--order", "second"]) == 0
     out = capsys.readouterr().out
-    assert "cifar-b64 second order, backend auto, 1 iterations on cpu" in out and "Self CPU" in out
+    assert "cifar-b64 second order, backend auto, cells edge by edge, 1 iterations on cpu" in out
+    assert "Self CPU" in out
+    assert profile_step.main(["--device", "cpu", "--quick", "--batched", "--traffic", "--rows", "3"]) == 0
+    out = capsys.readouterr().out
+    calls, gb = re.search(r"per iteration: (\d+) ATen calls, ([\d.]+) GB", out).groups()
+    assert "cells batched" in out and int(calls) > 100 and float(gb) > 0 and len(re.findall(r" GB +\d+ calls", out)) == 3
     assert profile_step.main(["--device", "cpu", "--steps", "0"]) == 2
     assert "--steps 0 and --rows 25 must be at least 1" in capsys.readouterr().err
 
@@ -136,6 +141,7 @@ def test_list_names_the_cases_without_running_them(capsys):
     [
         (["--device", "gpu0"], "'gpu0' is not a device"),
         (["--only", "step/mnist*"], "matches no case"),
+        (["--only", "op/*", "--impls", "fastdart"], "--impls 'fastdart' matches no impl of the selected cases"),
         (["--warmup", "0"], "--warmup 0 is too small, expected at least 1"),
         (["--min-time", "-1"], "--min-time -1.0 is too small"),
         (["--report", "nowhere.json"], "--report 'nowhere.json' is not a results file that can be read"),

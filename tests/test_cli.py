@@ -83,8 +83,6 @@ def test_every_search_setting_has_its_flag():
         "d",
         64,
     )
-    off = _config(parser.parse_args(["search", "--out", "x", "--no-cuda-graphs"]))
-    assert off.cuda_graphs is False and _config(parser.parse_args(["search", "--out", "x"])).cuda_graphs is None
 
 
 def test_corrupt_checkpoint_is_a_usage_error(tmp_path):

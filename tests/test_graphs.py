@@ -1,6 +1,6 @@
-"""Whole-step CUDA graphs (fastdarts.search.graphs, --cuda-graphs, on by default on CUDA): the replayed steps equal
-eager ones. The GPU tests run where a GPU is present (`bash benchmarks/gpu.sh test`); on the CPU, the default, the
-refusal and GraphedStep's control flow (on a stand-in for CUDA's graph API) are checked."""
+"""Whole-step CUDA graphs (fastdarts.search.graphs, --cuda-graphs): the replayed steps equal eager ones. The GPU
+tests run where a GPU is present (`bash benchmarks/gpu.sh test`); on the CPU, the refusal and GraphedStep's control
+flow (on a stand-in for CUDA's graph API) are checked."""
 
 import contextlib
 import itertools
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastdarts.errors import UsageError
-from fastdarts.search import SearchConfig, run_search
+from fastdarts.search import SearchConfig, loop, run_search
 from fastdarts.search.graphs import GraphedStep
 from fastdarts.search.loop import Search
 
@@ -23,14 +23,6 @@ def test_cuda_graphs_on_a_cpu_device_is_refused():
     if not torch.cuda.is_available():  # the default device, auto, is the CPU here
         with pytest.raises(UsageError, match="cuda_graphs needs a CUDA device, but device 'auto' is cpu"):
             SearchConfig(cuda_graphs=True).resolve_device()
-
-
-def test_cuda_graphs_are_on_by_default_on_cuda_devices_only():
-    assert SearchConfig().resolve_cuda_graphs(torch.device("cuda"))
-    assert not SearchConfig().resolve_cuda_graphs(torch.device("cpu"))
-    assert not SearchConfig(cuda_graphs=False).resolve_cuda_graphs(torch.device("cuda"))
-    with pytest.raises(UsageError, match=r"cuda_graphs must be None \(on CUDA\), True or False, got 'yes'"):
-        SearchConfig(cuda_graphs="yes")
 
 
 def _toy(seed=0):
@@ -97,16 +89,26 @@ def test_replayed_search_iterations_equal_eager_ones(order, recompute):
 
 
 @needs_cuda
-def test_a_search_with_cuda_graphs_ends_its_first_epoch_where_an_eager_one_does(caplog):
-    # The whole loop: an epoch's recording, its shorter last batch run eagerly, the evaluation, the second epoch's
-    # recording at its own learning rate. Only the first epoch is compared: after it, float32 searches from one seed
-    # drift apart whenever the rounding differs. On the CPU, fastdarts' kernels and the reference backend (both
-    # right) end this search's first epoch 3e-5 apart in validation loss and its second 6% apart (alphas 5e-4).
-    eager = run_search(SearchConfig(**_TINY, epochs=2, cuda_graphs=False))
+def test_a_search_with_cuda_graphs_ends_its_first_epoch_near_an_eager_one(monkeypatch):
+    # The whole loop: each epoch's recording and replays, its shorter last batch run eagerly, the evaluation, the
+    # second epoch's recording at its own learning rate. Only the first epoch is compared, loosely: float32
+    # searches from one seed drift apart whenever the rounding differs. On the CPU, fastdarts' kernels and the
+    # reference backend (both right) end this search's first epoch 3e-5 to 2.7e-3 apart in validation loss and
+    # 4e-5 to 3.2e-4 in alpha (2 and 1 threads), and its second epoch 1% to 6% apart in loss.
+    graphed_steps = []
+
+    class Recorded(GraphedStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            graphed_steps.append(self)
+
+    monkeypatch.setattr(loop, "GraphedStep", Recorded)
+    eager = run_search(SearchConfig(**_TINY, epochs=2))
+    assert not graphed_steps
     graphed = run_search(SearchConfig(**_TINY, epochs=2, cuda_graphs=True))
-    assert not [r for r in caplog.records if "CUDA graph failed" in r.getMessage()]
-    assert graphed.history[0].val_loss == pytest.approx(eager.history[0].val_loss, rel=2e-3)
-    torch.testing.assert_close(graphed.alphas_normal[0], eager.alphas_normal[0], rtol=0, atol=1e-3)
+    assert len(graphed_steps) == 2 and all(s.replays > 0 and not s.failed for s in graphed_steps)
+    assert graphed.history[0].val_loss == pytest.approx(eager.history[0].val_loss, rel=2e-2)
+    torch.testing.assert_close(graphed.alphas_normal[0], eager.alphas_normal[0], rtol=0, atol=2e-3)
     assert len(graphed.history) == 2 and math.isfinite(graphed.history[1].val_loss)
 
 

@@ -10,9 +10,9 @@ replay); optimisers whose state lives on the GPU (Adam with ``capturable=True`` 
 created by the eager warm-up steps); constants that change between replays re-recorded (the learning rate is
 a constant of the recorded kernels, and the cosine schedule changes it once per epoch, so each epoch records anew).
 
-On by default on CUDA devices (``SearchConfig.cuda_graphs``). On an H200 a first-order CIFAR iteration at batch 64
-took 225 ms replayed against 465 ms eager (README, Measured). ``tests/test_graphs.py`` checks replays against eager
-steps where a GPU is present.
+Opt-in (``SearchConfig.cuda_graphs``, ``--cuda-graphs``). On an H200 a first-order CIFAR iteration at batch 64 took
+225 ms replayed against 465 ms eager (README, Measured). ``tests/test_graphs.py`` checks replays against eager steps
+where a GPU is present; its replay tests have not run on one yet.
 """
 
 from __future__ import annotations

@@ -54,8 +54,8 @@ class SearchConfig:
         track_eigenvalue: after each epoch, the largest eigenvalue of the Hessian of L_val in alpha (on the
             epoch's first validation batch; see fastdarts.search.curvature).
         early_stop: "none", or "eigenvalue": R-DARTS' DARTS-ES on the tracked eigenvalue (tracking implied).
-        cuda_graphs: record each epoch's search iteration as a CUDA graph and replay it (fastdarts.search.graphs):
-            None (the default) on CUDA devices and off elsewhere, True asks for it (CUDA only), False turns it off.
+        cuda_graphs: record each epoch's search iteration as a CUDA graph and replay it (fastdarts.search.graphs;
+            CUDA only; off by default until its replay test has passed on a GPU and its memory is measured).
         amp: "none", or "bf16": the forward passes of the search steps and of the evaluation under
             ``torch.autocast`` in bfloat16 (weights, alphas and optimiser states stay float32).
         channels_last: the model and its inputs in the channels-last memory format.
@@ -92,7 +92,7 @@ class SearchConfig:
     early_stop: str = "none"
     amp: str = "none"
     channels_last: bool = False
-    cuda_graphs: bool | None = None
+    cuda_graphs: bool = False
     recompute_edges: bool = False
 
     def __post_init__(self) -> None:
@@ -103,8 +103,6 @@ class SearchConfig:
             if value not in allowed:
                 raise UsageError(f"unknown {field} {value!r}, expected one of: {', '.join(allowed)}")
         check_hvp_order(self.hvp, self.order)
-        if self.cuda_graphs not in (None, True, False):
-            raise UsageError(f"cuda_graphs must be None (on CUDA), True or False, got {self.cuda_graphs!r}")
         for field in ("epochs", "batch_size", "layers", "init_channels"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
@@ -171,10 +169,6 @@ class SearchConfig:
         if self.cuda_graphs and device.type != "cuda":
             raise UsageError(f"cuda_graphs needs a CUDA device, but device {self.device!r} is {device.type}")
         return device
-
-    def resolve_cuda_graphs(self, device: torch.device) -> bool:
-        """Whether this run's iterations are recorded as CUDA graphs on ``device`` (by default: on CUDA)."""
-        return device.type == "cuda" if self.cuda_graphs is None else self.cuda_graphs
 
 
 @dataclass
@@ -260,7 +254,6 @@ class Search:
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = config.resolve_device()
-        self.cuda_graphs = config.resolve_cuda_graphs(self.device)
         _seed_everything(config.seed)
         algo = ALGORITHMS[config.algo]
         space = get_space(config.space)
@@ -305,7 +298,7 @@ class Search:
         )
         arch_config = ArchitectConfig(
             order=config.order, hvp=config.hvp, lr=config.arch_lr, weight_decay=config.arch_weight_decay,
-            capturable=self.cuda_graphs,
+            capturable=config.cuda_graphs,
         )  # fmt: skip
         self.architect = Architect(self.model, arch_config, config.momentum, config.weight_decay)
         self.epoch = 0
@@ -330,7 +323,7 @@ class Search:
         val_batches = _cycle(self.data.val)
         total_loss, correct, count = 0.0, 0, 0
         one_step = self.step_fn(lr, self.epoch >= cfg.arch_warmup_epochs)
-        if self.cuda_graphs:  # recorded anew each epoch: the learning rate is a constant of the recording
+        if cfg.cuda_graphs:  # recorded anew each epoch: the learning rate is a constant of the recording
             one_step = GraphedStep(one_step)
         model.train()
         for step, (x, y) in enumerate(self.data.train):
@@ -360,10 +353,10 @@ class Search:
 
         def one_step(x, y, x_val, y_val):
             if arch_step:
-                with _autocast(device, cfg.amp, self.cuda_graphs):
+                with _autocast(device, cfg.amp, cfg.cuda_graphs):
                     self.architect.step(x, y, x_val, y_val, lr, self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, cfg.amp, self.cuda_graphs):
+            with _autocast(device, cfg.amp, cfg.cuda_graphs):
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
             loss.backward()
@@ -483,7 +476,7 @@ class Search:
         # Adam's capturable (state on the GPU for CUDA graphs) follows this run's cuda_graphs, not the saved run's;
         # set before loading, so that its step counts are placed for it
         arch_state = ckpt["arch_optimizer"]
-        groups = [{**g, "capturable": self.cuda_graphs} for g in arch_state["param_groups"]]
+        groups = [{**g, "capturable": self.config.cuda_graphs} for g in arch_state["param_groups"]]
         self.architect.optimizer.load_state_dict({**arch_state, "param_groups": groups})
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch = ckpt["epoch"]
