@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_leaves
 
 import fastdarts
 from benchmarks.run import NETS, _CallCount, search_step, supernet
+from fastdarts.nn.batched import batched_plan
 
 
 class _Traffic(TorchDispatchMode):
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     step = search_step(model, args.order, train, val)
     for _ in range(2):
         step()
-    cells = "batched" if args.batched or device.type == "cuda" else "edge by edge"
+    cells = "batched" if batched_plan(model.cells[0], train[0]) is not None else "edge by edge"
     print(f"{args.net} {args.order} order, backend {args.backend}, cells {cells}, {args.steps} iterations on {device}")
     if args.traffic:
         with _Traffic() as traffic:

@@ -573,6 +573,11 @@ def _default_out(device: torch.device) -> Path:
 UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError)
 
 
+def _matches(name: str, patterns: list[str]) -> bool:
+    """Whether name matches any of the fnmatch patterns."""
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
 def _usage(message: str) -> int:
     print(f"benchmarks.run: {message}", file=sys.stderr)
     return 2
@@ -631,13 +636,13 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
     except RuntimeError:
         return _usage(f"--device {args.device!r} is not a device, expected cpu, cuda or cuda:N")
-    patterns = args.only.split(",")
+    patterns, impl_patterns = args.only.split(","), args.impls.split(",")
     selected = {n: c for n, c in cases(args.quick, args.compile, device.type == "cuda").items()
-                if any(fnmatch.fnmatch(n, p) for p in patterns)}  # fmt: skip
-    run_agreement = any(fnmatch.fnmatch("agreement/cifar-b64", p) for p in patterns)
+                if _matches(n, patterns)}  # fmt: skip
+    run_agreement = _matches("agreement/cifar-b64", patterns)
 
     def wanted(impl: str) -> bool:
-        return any(fnmatch.fnmatch(impl, p) for p in args.impls.split(","))
+        return _matches(impl, impl_patterns)
 
     if not selected and not run_agreement:
         return _usage(f"--only {args.only!r} matches no case; --list names them")
